@@ -1,0 +1,401 @@
+//! The gateway configuration file (TOML), parsed and checked as a whole.
+//!
+//! Every table rejects unknown keys, so a misspelt setting is an error that names the key and
+//! its line rather than a silently ignored line. Relative plugin paths are resolved against the
+//! folder of the config file.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listener: Listener,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub plugins: Vec<Plugin>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// The public listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listener {
+    pub address: SocketAddr,
+    /// How long a client has to send a complete request header section, from accept.
+    #[serde(with = "millis")]
+    pub header_read_timeout_ms: Duration,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    #[serde(with = "millis")]
+    pub shutdown_grace_ms: Duration,
+}
+
+/// The admin listener: health and metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+/// The plugin runtime shared by every plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Slots in the instance pool for all plugins together. Each slot reserves
+    /// `max_memory_bytes` of address space (not of memory) up front.
+    pub instance_slots: u32,
+    /// The largest linear memory any plugin may be given; the size of a pool slot.
+    pub max_memory_bytes: u64,
+}
+
+/// A named group of upstream servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: String,
+    /// `host:port` of each server; requests go round robin.
+    pub targets: Vec<String>,
+    /// Time to establish a TCP connection to a target.
+    #[serde(default = "defaults::connect_timeout", with = "millis")]
+    pub connect_timeout_ms: Duration,
+    /// Idle pooled connections are closed after this long; keep it below the upstream's own
+    /// keep-alive timeout so the gateway never reuses a connection the upstream is closing.
+    #[serde(default = "defaults::idle_timeout", with = "millis")]
+    pub idle_timeout_ms: Duration,
+}
+
+/// A policy: a WebAssembly component and how to run it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugin {
+    pub name: String,
+    /// The `.wasm` component; relative to the config file's folder.
+    pub path: PathBuf,
+    /// What happens when the plugin fails: `deny` answers 503, `allow` skips it.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// `pooled` reuses instances across requests; `request` makes a fresh one per request.
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default = "defaults::fuel")]
+    pub fuel: u64,
+    /// Wall-clock budget of one call.
+    #[serde(default = "defaults::deadline", with = "millis")]
+    pub deadline_ms: Duration,
+    #[serde(default = "defaults::memory_limit")]
+    pub memory_limit_bytes: u64,
+    /// Instances of this plugin that may exist at once.
+    #[serde(default = "defaults::max_instances")]
+    pub max_instances: u32,
+    /// Requests that may wait for a free instance; beyond it a request is shed.
+    #[serde(default = "defaults::max_waiting")]
+    pub max_waiting: u32,
+    /// How long a request may wait for a free instance.
+    #[serde(default = "defaults::wait_timeout", with = "millis")]
+    pub wait_timeout_ms: Duration,
+    /// A pooled instance is replaced after this many calls.
+    #[serde(default = "defaults::max_uses")]
+    pub max_uses: u64,
+    /// A pooled instance whose memory has grown past this is replaced after its call.
+    #[serde(default = "defaults::recycle_memory")]
+    pub recycle_memory_bytes: u64,
+    /// Handed to the plugin as JSON when each instance starts.
+    #[serde(default = "defaults::plugin_config")]
+    pub config: toml::Table,
+}
+
+/// A route: which requests it takes, where they go, and the policies they pass through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    /// The `Host` to match (without port), `*.example.com` for subdomains, or absent for any.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The longest matching prefix wins among the routes for a host.
+    #[serde(default = "defaults::path_prefix")]
+    pub path_prefix: String,
+    pub upstream: String,
+    /// Plugin names, run in this order on requests and in reverse order on responses.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Time from forwarding the request to the upstream's response headers.
+    #[serde(default = "defaults::upstream_timeout", with = "millis")]
+    pub upstream_timeout_ms: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    #[default]
+    Pooled,
+    Request,
+}
+
+/// A configuration that could not be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads, parses and checks a config file; plugin paths become absolute.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::one(format!("{}: {err}", path.display())))?;
+        let mut config = Config::parse(&text)
+            .map_err(|err| ConfigError::one(format!("{}: {err}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for plugin in &mut config.plugins {
+            plugin.path = base.join(&plugin.path);
+        }
+        Ok(config)
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::one(err))?;
+        let problems = config.problems();
+        if problems.is_empty() { Ok(config) } else { Err(ConfigError { problems }) }
+    }
+
+    /// Everything wrong with the references and values of a parsed config.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let upstreams = unique_names("upstream", self.upstreams.iter().map(|u| &u.name), &mut problems);
+        let plugins = unique_names("plugin", self.plugins.iter().map(|p| &p.name), &mut problems);
+        unique_names("route", self.routes.iter().map(|r| &r.name), &mut problems);
+
+        for upstream in &self.upstreams {
+            upstream.check(&mut problems);
+        }
+        for plugin in &self.plugins {
+            plugin.check(&self.runtime, &mut problems);
+        }
+        for route in &self.routes {
+            route.check(&upstreams, &plugins, &mut problems);
+        }
+        problems
+    }
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.targets.is_empty() {
+            problems.push(format!("upstream `{}` has no targets", self.name));
+        }
+        for target in &self.targets {
+            if target.parse::<http::uri::Authority>().map_or(true, |a| a.port().is_none()) {
+                problems.push(format!(
+                    "upstream `{}`: target `{target}` is not `host:port`",
+                    self.name
+                ));
+            }
+        }
+    }
+}
+
+// === impl Plugin ===
+
+impl Plugin {
+    fn check(&self, runtime: &Runtime, problems: &mut Vec<String>) {
+        let name = &self.name;
+        if self.memory_limit_bytes > runtime.max_memory_bytes {
+            problems.push(format!(
+                "plugin `{name}`: memory_limit_bytes {} is above runtime.max_memory_bytes {}",
+                self.memory_limit_bytes, runtime.max_memory_bytes
+            ));
+        }
+        if self.max_instances == 0 {
+            problems.push(format!("plugin `{name}`: max_instances must be at least 1"));
+        }
+        if self.fuel == 0 || self.deadline_ms.is_zero() {
+            problems.push(format!("plugin `{name}`: fuel and deadline_ms must be above zero"));
+        }
+    }
+
+    /// The plugin's `config` table as the JSON text handed to its `init`.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+// === impl Route ===
+
+impl Route {
+    fn check(&self, upstreams: &HashSet<&str>, plugins: &HashSet<&str>, problems: &mut Vec<String>) {
+        let name = &self.name;
+        if !upstreams.contains(self.upstream.as_str()) {
+            problems.push(format!("route `{name}`: unknown upstream `{}`", self.upstream));
+        }
+        for policy in &self.policies {
+            if !plugins.contains(policy.as_str()) {
+                problems.push(format!("route `{name}`: unknown plugin `{policy}`"));
+            }
+        }
+        if !self.path_prefix.starts_with('/') {
+            problems.push(format!("route `{name}`: path_prefix must start with `/`"));
+        }
+    }
+}
+
+impl ConfigError {
+    pub fn one(problem: impl ToString) -> Self {
+        ConfigError { problems: vec![problem.to_string()] }
+    }
+}
+
+fn unique_names<'a>(
+    kind: &str,
+    names: impl Iterator<Item = &'a String>,
+    problems: &mut Vec<String>,
+) -> HashSet<&'a str> {
+    let mut seen = HashSet::new();
+    for name in names {
+        if !seen.insert(name.as_str()) {
+            problems.push(format!("{kind} `{name}` is defined twice"));
+        }
+    }
+    seen
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Listener {
+            address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_read_timeout_ms: Duration::from_secs(10),
+            shutdown_grace_ms: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { address: SocketAddr::from(([127, 0, 0, 1], 9901)) }
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime { instance_slots: 256, max_memory_bytes: 64 << 20 }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn fuel() -> u64 {
+        // About 5 ms of straight-line guest code; a typical policy call uses about 10,000.
+        5_000_000
+    }
+    pub fn deadline() -> Duration {
+        Duration::from_millis(50)
+    }
+    pub fn memory_limit() -> u64 {
+        16 << 20
+    }
+    pub fn max_instances() -> u32 {
+        16
+    }
+    pub fn max_waiting() -> u32 {
+        256
+    }
+    pub fn wait_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_uses() -> u64 {
+        10_000
+    }
+    pub fn recycle_memory() -> u64 {
+        8 << 20
+    }
+    pub fn plugin_config() -> toml::Table {
+        toml::Table::new()
+    }
+    pub fn path_prefix() -> String {
+        "/".to_string()
+    }
+    pub fn upstream_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// Durations written as whole milliseconds in the config.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[upstreams]]
+        name = "app"
+        targets = ["127.0.0.1:3000"]
+
+        [[routes]]
+        name = "all"
+        upstream = "app"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.listener.address.port(), 8080);
+        assert_eq!(config.routes[0].path_prefix, "/");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = format!("{MINIMAL}\ncolour = \"blue\"\n");
+        let err = Config::parse(&text).expect_err("unknown key");
+        let message = err.to_string();
+        assert!(message.contains("colour"), "{message}");
+        assert!(message.contains("line"), "{message}");
+    }
+
+    #[test]
+    fn dangling_references_are_all_reported() {
+        let text = MINIMAL.replace("upstream = \"app\"", "upstream = \"nope\"\npolicies = [\"ghost\"]");
+        let err = Config::parse(&text).expect_err("dangling");
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+}

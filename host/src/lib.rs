@@ -1,0 +1,72 @@
+//! Sluice: a programmable edge and API gateway whose policies are sandboxed WebAssembly
+//! components.
+//!
+//! The modules follow a request: [`proxy`] accepts it, matches a route and forwards it; the
+//! route's policies run in the [`plugin`] runtime; [`gateway`] holds the configuration
+//! snapshot each request uses; [`admin`] and [`metrics`] show what is happening; [`config`]
+//! reads the TOML file everything is built from.
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod metrics;
+pub mod plugin;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError};
+pub use gateway::Gateway;
+pub use metrics::Metrics;
+
+/// A gateway bound to its listeners, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+}
+
+impl Server {
+    /// Builds the gateway from `config` and binds its listeners.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let gateway = Gateway::new(&config, Metrics::new()).await?;
+        let listener = bind(config.listener.address, "listener").await?;
+        let admin = bind(config.admin.address, "admin listener").await?;
+        Ok(Server { gateway, listener, admin, config })
+    }
+
+    /// The address the public listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listener.address)
+    }
+
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin.address)
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tracing::info!(listener = %self.local_addr(), admin = %self.admin_addr(), "sluice is serving");
+        let admin = tokio::spawn(admin::serve(self.admin, self.gateway.clone()));
+        let grace = self.config.listener.shutdown_grace_ms;
+        proxy::serve(self.listener, self.gateway, shutdown, grace).await;
+        admin.abort();
+    }
+}
+
+async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot bind the {what} to {address}: {err}"))
+}

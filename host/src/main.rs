@@ -1,0 +1,128 @@
+//! The `sluice` command: run the gateway, or check a configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::{Config, ConfigError, Server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "A programmable edge and API gateway with WebAssembly policies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Check a configuration: parse it, compile every plugin and run its config check.
+    Check {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json_logs = matches!(cli.command, Command::Run { json_logs: true, .. });
+    init_logging(json_logs);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { config, .. } => run(config).await,
+            Command::Check { config } => check(config).await,
+        }
+    })
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let server = match Config::load(&path) {
+        Ok(config) => Server::bind(config).await,
+        Err(err) => Err(err.into()),
+    };
+    match server {
+        Ok(server) => {
+            server.run(shutdown_signal()).await;
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            report(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check(path: PathBuf) -> ExitCode {
+    let checked = match Config::load(&path) {
+        Ok(config) => sluice::gateway::check(&config).await,
+        Err(err) => Err(err),
+    };
+    match checked {
+        Ok(()) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            report(&err.into());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(err: &anyhow::Error) {
+    match err.downcast_ref::<ConfigError>() {
+        Some(config) => config.problems.iter().for_each(|problem| eprintln!("error: {problem}")),
+        None => eprintln!("error: {err:#}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

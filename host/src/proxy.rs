@@ -1,0 +1,22 @@
+//! The proxy: accept connections, match a route, run its policies, forward upstream and
+//! stream the response back.
+
+mod forward;
+mod handler;
+mod headers;
+mod router;
+mod server;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+
+pub use handler::handle;
+pub use router::{Route, Router};
+pub use forward::Upstream;
+pub use server::serve;
+
+/// Errors from a streamed body, whichever side it came from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body: streamed from an upstream, or written whole by the gateway or a policy.
+pub type Body = BoxBody<Bytes, BoxError>;
