@@ -156,11 +156,11 @@ impl Plugin {
         let lease = self.pool.acquire().await;
         self.metrics.wait.observe(waited.elapsed().as_secs_f64());
         let Some(mut lease) = lease else {
-            return Err(self.failed(PluginFailure::Busy));
+            return Err(PluginFailure::Busy);
         };
         let mut instance = match lease.take_idle() {
             Some(instance) => instance,
-            None => self.instantiate().await.map_err(|failure| self.failed(failure))?,
+            None => self.instantiate().await?,
         };
 
         let started = Instant::now();
@@ -174,7 +174,11 @@ impl Plugin {
                 self.give_back(lease, instance);
                 Ok(value)
             }
-            Err(err) => Err(self.failed(classify(&err, &instance.store))),
+            Err(err) => {
+                drop(lease);
+                self.pool.report(&self.metrics);
+                Err(classify(&err, &instance.store))
+            }
         }
     }
 

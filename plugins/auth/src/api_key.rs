@@ -9,7 +9,9 @@ use subtle::ConstantTimeEq;
 use crate::header;
 
 /// The `[api_keys]` table.
-#[derive(Debug, Deserialize)]
+///
+/// Not `Debug`, so that secrets cannot end up in a log.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySettings {
     #[serde(default = "default_header")]
@@ -19,10 +21,22 @@ pub struct ApiKeySettings {
 }
 
 /// The configured keys and the header they are read from.
-#[derive(Debug)]
+///
+/// Not `Debug`, so that secrets cannot end up in a log.
 pub struct ApiKeys {
     header: String,
     keys: Vec<(Vec<u8>, String)>,
+}
+
+/// What the API key of a request says about its sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck<'a> {
+    /// The request has no key header.
+    Absent,
+    /// The key is not configured.
+    Unknown,
+    /// The key belongs to this identity.
+    Identity(&'a str),
 }
 
 fn default_header() -> String {
@@ -38,7 +52,11 @@ impl ApiKeys {
         if settings.keys.is_empty() {
             return Err("api_keys.keys is empty: configure at least one key".to_string());
         }
-        let keys = settings.keys.into_iter().map(check_key).collect::<Result<_, _>>()?;
+        let keys = settings
+            .keys
+            .into_iter()
+            .map(check_key)
+            .collect::<Result<_, _>>()?;
         Ok(ApiKeys { header, keys })
     }
 
@@ -47,24 +65,21 @@ impl ApiKeys {
         &self.header
     }
 
-    /// Whether the request carries the key header at all.
-    pub fn is_presented(&self, request: &Request) -> bool {
-        request.header(&self.header).is_some()
-    }
-
-    /// The identity of the key the request presents, if it is a configured key.
-    pub fn identify(&self, request: &Request) -> Option<&str> {
-        let presented = request.header(&self.header)?;
+    /// Checks the key the request presents, if any.
+    pub fn check(&self, request: &Request) -> KeyCheck<'_> {
+        let Some(presented) = request.header(&self.header) else {
+            return KeyCheck::Absent;
+        };
 
         // Every key is compared, each in constant time, so the response time does not tell a
         // client how much of a guessed key was right.
-        let mut identity = None;
-        for (key, id) in &self.keys {
+        let mut outcome = KeyCheck::Unknown;
+        for (key, identity) in &self.keys {
             if bool::from(key.as_slice().ct_eq(presented)) {
-                identity = Some(id.as_str());
+                outcome = KeyCheck::Identity(identity);
             }
         }
-        identity
+        outcome
     }
 }
 
@@ -73,7 +88,9 @@ fn check_key((key, identity): (String, String)) -> Result<(Vec<u8>, String), Str
         return Err("an api_keys.keys key is empty or has control characters".to_string());
     }
     if !header::is_safe_value(identity.as_bytes()) {
-        return Err(format!("the identity {identity:?} in api_keys.keys is empty or has control characters"));
+        return Err(format!(
+            "the identity {identity:?} in api_keys.keys is empty or has control characters"
+        ));
     }
     Ok((key.into_bytes(), identity))
 }

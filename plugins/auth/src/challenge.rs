@@ -41,12 +41,22 @@ impl Failure {
 
 impl Challenge {
     /// Validates the realm, which is sent inside a quoted string.
-    pub fn new(realm: String, bearer: bool, api_key_header: Option<String>) -> Result<Self, String> {
+    pub fn new(
+        realm: String,
+        bearer: bool,
+        api_key_header: Option<String>,
+    ) -> Result<Self, String> {
         let quotable = !realm.contains(['"', '\\']) && header::is_safe_value(realm.as_bytes());
         if !quotable || !realm.is_ascii() {
-            return Err(format!("realm {realm:?} must be printable ASCII without quotes or backslashes"));
+            return Err(format!(
+                "realm {realm:?} must be printable ASCII without quotes or backslashes"
+            ));
         }
-        Ok(Challenge { realm, bearer, api_key_header })
+        Ok(Challenge {
+            realm,
+            bearer,
+            api_key_header,
+        })
     }
 
     /// The 401 response for `failure`.
@@ -66,7 +76,10 @@ impl Challenge {
         }
         if let Some(header) = &self.api_key_header {
             // Not a registered scheme; it tells a client which header to send its key in.
-            challenges.push(format!("ApiKey realm=\"{}\", header=\"{header}\"", self.realm));
+            challenges.push(format!(
+                "ApiKey realm=\"{}\", header=\"{header}\"",
+                self.realm
+            ));
         }
         challenges
     }

@@ -12,7 +12,10 @@ pub fn header_name(name: &str, setting: &str) -> Result<String, String> {
 /// Whether `value` can be sent as a header value: not empty and free of control characters
 /// other than tab (so no CR, LF or NUL that could split or truncate the header).
 pub fn is_safe_value(value: &[u8]) -> bool {
-    !value.is_empty() && value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    !value.is_empty()
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 /// `tchar` of RFC 9110 section 5.6.2.

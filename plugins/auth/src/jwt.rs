@@ -16,7 +16,9 @@ const MAX_LEEWAY_SECONDS: u64 = 600;
 const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// The `[jwt]` table.
-#[derive(Debug, Deserialize)]
+///
+/// Not `Debug`, so that secrets cannot end up in a log.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSettings {
     algorithm: JwtAlgorithm,
@@ -54,7 +56,9 @@ impl JwtVerifier {
     pub fn new(settings: JwtSettings) -> Result<Self, String> {
         let (algorithm, key) = decoding_key(&settings)?;
         if settings.leeway_seconds > MAX_LEEWAY_SECONDS {
-            return Err(format!("jwt.leeway_seconds must be at most {MAX_LEEWAY_SECONDS}"));
+            return Err(format!(
+                "jwt.leeway_seconds must be at most {MAX_LEEWAY_SECONDS}"
+            ));
         }
         if settings.identity_claim.is_empty() {
             return Err("jwt.identity_claim must not be empty".to_string());
@@ -86,7 +90,11 @@ impl JwtVerifier {
 /// The key for the configured algorithm, checked now so that a bad key fails the config
 /// rather than every request.
 fn decoding_key(settings: &JwtSettings) -> Result<(Algorithm, DecodingKey), String> {
-    let (algorithm, key) = match (settings.algorithm, &settings.secret, &settings.public_key_pem) {
+    let (algorithm, key) = match (
+        settings.algorithm,
+        &settings.secret,
+        &settings.public_key_pem,
+    ) {
         (JwtAlgorithm::HS256, Some(secret), None) => (Algorithm::HS256, hs256_key(secret)?),
         (JwtAlgorithm::RS256, None, Some(pem)) => (Algorithm::RS256, rs256_key(pem)?),
         (JwtAlgorithm::HS256, _, _) => {
@@ -105,7 +113,9 @@ fn decoding_key(settings: &JwtSettings) -> Result<(Algorithm, DecodingKey), Stri
 
 fn hs256_key(secret: &str) -> Result<DecodingKey, String> {
     if secret.len() < MIN_HS256_SECRET_BYTES {
-        return Err(format!("jwt.secret must be at least {MIN_HS256_SECRET_BYTES} bytes"));
+        return Err(format!(
+            "jwt.secret must be at least {MIN_HS256_SECRET_BYTES} bytes"
+        ));
     }
     DecodingKey::from_secret(secret.as_bytes()).map_err(|err| format!("jwt.secret: {err}"))
 }

@@ -1,0 +1,110 @@
+//! A gateway started in-process from a config fragment, on free loopback ports.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sluice::{Config, Server};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::TestUpstream;
+
+/// The compiled test or bundled policy called `name` (e.g. `auth`, `chaos`).
+///
+/// `cargo xtask test` builds them before the tests run.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("wasm32-wasip2/plugin").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run the tests with `cargo xtask test`", path.display());
+    path
+}
+
+/// A running gateway; stopped when dropped.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway whose config is `fragment` plus listeners on free ports and an
+    /// upstream called `app` pointing at `upstream`. In `fragment`, `{plugin:NAME}` stands for
+    /// the path of a compiled policy.
+    pub async fn start(upstream: &TestUpstream, fragment: &str) -> TestGateway {
+        let config = Config::parse(&config_text(upstream, fragment)).expect("valid test config");
+        Self::start_config(config).await.expect("gateway starts")
+    }
+
+    /// Starts a gateway from a complete config.
+    pub async fn start_config(config: Config) -> anyhow::Result<TestGateway> {
+        let server = Server::bind(config).await?;
+        let (addr, admin) = (server.local_addr(), server.admin_addr());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(TestGateway { addr, admin, stop: Some(stop), task: Some(task) })
+    }
+
+    /// A URL on the gateway's public listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        crate::get(&format!("http://{}/metrics", self.admin)).await.text()
+    }
+
+    /// Stops accepting, drains in-flight requests and waits for the server to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The full config text for a test gateway.
+pub fn config_text(upstream: &TestUpstream, fragment: &str) -> String {
+    let mut fragment = fragment.to_string();
+    while let Some(start) = fragment.find("{plugin:") {
+        let end = start + fragment[start..].find('}').expect("closing brace");
+        let name = &fragment[start + "{plugin:".len()..end];
+        let path = plugin_path(name).display().to_string();
+        fragment.replace_range(start..=end, &path);
+    }
+    format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+shutdown_grace_ms = 2000
+
+[admin]
+address = "127.0.0.1:0"
+
+[runtime]
+instance_slots = 64
+
+[[upstreams]]
+name = "app"
+targets = ["{}"]
+
+{fragment}
+"#,
+        upstream.addr
+    )
+}

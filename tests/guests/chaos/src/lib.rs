@@ -1,0 +1,104 @@
+//! A policy that misbehaves on purpose, for the gateway's integration tests.
+//!
+//! Its `mode` setting picks the misbehaviour; every mode except `loop`, `alloc` and `crlf`
+//! tags the request with how many calls this instance has served and when it was created,
+//! so tests can tell a reused instance from a fresh one.
+
+use std::cell::Cell;
+
+use serde::Deserialize;
+use sluice_sdk::{Config, Decision, HeaderChanges, Policy, Request, RequestChanges, Response};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    mode: Mode,
+    /// Written into the `x-chaos-tag` response header when set.
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// Count calls and continue.
+    Count,
+    /// Panic when the request has an `x-chaos-trap` header; count otherwise.
+    TrapOnHeader,
+    /// Never return.
+    Loop,
+    /// Allocate without bound.
+    Alloc,
+    /// Set a header value that contains CR LF.
+    Crlf,
+    /// Read every header as text and report how many were UTF-8.
+    Inspect,
+}
+
+struct Chaos {
+    mode: Mode,
+    tag: Option<String>,
+    born: u64,
+    calls: Cell<u64>,
+}
+
+impl Policy for Chaos {
+    fn new(config: Config) -> Result<Self, String> {
+        let settings: Settings = config.parse()?;
+        Ok(Chaos { mode: settings.mode, tag: settings.tag, born: sluice_sdk::monotonic_now(), calls: Cell::new(0) })
+    }
+
+    fn on_request(&self, request: &Request) -> Decision {
+        match self.mode {
+            Mode::Loop => spin(),
+            Mode::Alloc => hoard(),
+            Mode::Crlf => RequestChanges::new().set_header("x-evil", "a\r\nx-injected: yes").into(),
+            Mode::TrapOnHeader if request.header("x-chaos-trap").is_some() => {
+                panic!("asked to trap")
+            }
+            Mode::Inspect => inspect(request).into(),
+            Mode::Count | Mode::TrapOnHeader => self.count().into(),
+        }
+    }
+
+    fn on_response(&self, _: &Request, _: &Response) -> HeaderChanges {
+        match &self.tag {
+            Some(tag) => HeaderChanges::new().set("x-chaos-tag", tag.as_str()),
+            None => HeaderChanges::new(),
+        }
+    }
+}
+
+impl Chaos {
+    fn count(&self) -> RequestChanges {
+        self.calls.set(self.calls.get() + 1);
+        RequestChanges::new()
+            .set_header("x-instance-born", self.born.to_string())
+            .set_header("x-instance-calls", self.calls.get().to_string())
+    }
+}
+
+fn spin() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+fn hoard() -> ! {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+fn inspect(request: &Request) -> RequestChanges {
+    let names: Vec<&str> = request.headers().map(|(name, _)| name).collect();
+    let text = names.iter().filter(|name| request.header_str(name).is_some()).count();
+    RequestChanges::new()
+        .set_header("x-headers-text", text.to_string())
+        .set_header("x-headers-binary", (names.len() - text).to_string())
+}
+
+sluice_sdk::export_policy!(Chaos);

@@ -1,0 +1,14 @@
+//! A component that imports `test:forbidden/secrets`, which the gateway does not provide;
+//! the gateway must refuse to load it and name that import.
+
+wit_bindgen::generate!({ world: "forbidden", path: "wit" });
+
+struct Forbidden;
+
+impl Guest for Forbidden {
+    fn run() -> String {
+        test::forbidden::secrets::get("database-password")
+    }
+}
+
+export!(Forbidden);

@@ -1,0 +1,173 @@
+//! Proxying without policies: what reaches the upstream, and what comes back.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sluice_tests::{TestGateway, TestUpstream, get, send, send_raw};
+
+const PLAIN_ROUTE: &str = r#"
+[[routes]]
+name = "plain"
+path_prefix = "/"
+upstream = "app"
+"#;
+
+#[tokio::test]
+async fn method_path_query_headers_and_body_pass_through() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    let body = Bytes::from(vec![b'x'; 3 << 20]);
+
+    let request = Request::put(gateway.url("/items/7?view=full&x=%20y"))
+        .header("x-custom", "value")
+        .body(body.clone())
+        .unwrap();
+    let reply = send(request).await;
+
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-upstream-header"), Some("present"));
+    let seen = upstream.last();
+    assert_eq!(seen.method, "PUT");
+    assert_eq!(seen.path_and_query, "/items/7?view=full&x=%20y");
+    assert_eq!(seen.headers["x-custom"], "value");
+    assert_eq!(seen.body, body);
+}
+
+#[tokio::test]
+async fn a_chunked_request_body_is_streamed_through() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let raw = b"POST /upload HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    let response = send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
+
+    assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+    assert_eq!(upstream.last().body, Bytes::from_static(b"hello world"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_those_named_in_connection_are_not_forwarded() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let raw = b"GET / HTTP/1.1\r\nHost: example\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+    let response = send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
+
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    let seen = upstream.last().headers;
+    for name in ["x-secret", "keep-alive", "proxy-authorization", "connection"] {
+        assert!(!seen.contains_key(name), "{name} was forwarded");
+    }
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["host"], "example");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_over_h2c() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let client = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let request = Request::get(gateway.url("/over-h2")).body(Full::new(Bytes::new())).unwrap();
+    let response = client.request(request).await.expect("h2c response");
+
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let _ = response.into_body().collect().await;
+    let seen = upstream.last();
+    assert_eq!(seen.path_and_query, "/over-h2");
+    assert_eq!(seen.headers["host"], gateway.addr.to_string());
+}
+
+#[tokio::test]
+async fn unknown_routes_get_404_and_dead_upstreams_502() {
+    let upstream = TestUpstream::start().await;
+    let fragment = r#"
+[[upstreams]]
+name = "dead"
+targets = ["127.0.0.1:1"]
+
+[[routes]]
+name = "app"
+path_prefix = "/app"
+upstream = "app"
+
+[[routes]]
+name = "dead"
+path_prefix = "/dead"
+upstream = "dead"
+"#;
+    let gateway = TestGateway::start(&upstream, fragment).await;
+
+    let missing = get(&gateway.url("/elsewhere")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.json()["error"], "no_route");
+
+    let dead = get(&gateway.url("/dead/x")).await;
+    assert_eq!(dead.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(dead.json()["error"], "upstream_unavailable");
+
+    assert_eq!(get(&gateway.url("/app/x")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_longest_matching_prefix_wins() {
+    let upstream = TestUpstream::start().await;
+    let other = TestUpstream::start().await;
+    let fragment = format!(
+        r#"
+[[upstreams]]
+name = "other"
+targets = ["{}"]
+
+[[routes]]
+name = "short"
+path_prefix = "/api"
+upstream = "app"
+
+[[routes]]
+name = "long"
+path_prefix = "/api/v2"
+upstream = "other"
+"#,
+        other.addr
+    );
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+
+    get(&gateway.url("/api/v2/users")).await;
+    get(&gateway.url("/api/v1/users")).await;
+
+    assert_eq!(other.last().path_and_query, "/api/v2/users");
+    assert_eq!(upstream.last().path_and_query, "/api/v1/users");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    for _ in 0..3 {
+        get(&gateway.url("/counted")).await;
+    }
+
+    let metrics = gateway.metrics().await;
+    assert!(metrics.contains(r#"sluice_requests_total{route="plain",status="200"} 3"#), "{metrics}");
+    assert!(metrics.contains("sluice_request_duration_seconds_bucket{route=\"plain\""));
+    assert_eq!(get(&format!("http://{}/healthz", gateway.admin)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    let request = Request::get(gateway.url("/slow")).header("x-delay-ms", "500").body(Bytes::new()).unwrap();
+    let in_flight = tokio::spawn(send(request));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    gateway.shutdown().await;
+
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+}

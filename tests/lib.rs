@@ -1,0 +1,10 @@
+//! Helpers for the integration tests: a recording upstream, a gateway started from a config
+//! fragment, paths of the compiled test policies, and a small HTTP client.
+
+pub mod client;
+pub mod gateway;
+pub mod upstream;
+
+pub use client::{Reply, get, send, send_raw};
+pub use gateway::{TestGateway, plugin_path};
+pub use upstream::{Recorded, TestUpstream};

@@ -1,0 +1,94 @@
+//! A real HTTP upstream that records what reaches it and answers with a JSON echo.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An upstream server on a free loopback port, recording every request it receives.
+///
+/// A request with an `x-delay-ms` header is answered after that delay.
+#[derive(Debug, Clone)]
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> TestUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(accept(listener, received.clone()));
+        TestUpstream { addr, received }
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Recorded> {
+        self.received.lock().expect("upstream record").clone()
+    }
+
+    /// The last request received.
+    pub fn last(&self) -> Recorded {
+        self.received().pop().expect("the upstream received a request")
+    }
+}
+
+async fn accept(listener: TcpListener, received: Arc<Mutex<Vec<Recorded>>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let received = received.clone();
+        let service = service_fn(move |request| echo(request, received.clone()));
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn echo(
+    request: Request<Incoming>,
+    received: Arc<Mutex<Vec<Recorded>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let delay = parts.headers.get("x-delay-ms").and_then(|v| v.to_str().ok()?.parse().ok());
+    let recorded = Recorded {
+        method: parts.method.to_string(),
+        path_and_query: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+        headers: parts.headers,
+        body,
+    };
+    let echo = serde_json::json!({
+        "method": recorded.method,
+        "path": recorded.path_and_query,
+        "body_bytes": recorded.body.len(),
+    });
+    received.lock().expect("upstream record").push(recorded);
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(echo.to_string())));
+    response.headers_mut().insert("content-type", "application/json".parse().expect("valid"));
+    response.headers_mut().insert("x-upstream-header", "present".parse().expect("valid"));
+    Ok(response)
+}

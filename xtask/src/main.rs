@@ -1,0 +1,93 @@
+//! Workspace automation for Sluice, run as `cargo xtask <command>`.
+//!
+//! Policies are WebAssembly components that cargo cannot build as part of a native
+//! `cargo build`, so the commands that need them (tests, the demo) build them first here.
+
+mod cargo;
+mod demo;
+mod plugins;
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus};
+
+/// Failures of this tool are messages for a developer at a terminal.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  build-plugins   build every policy and test guest for wasm32-wasip2 (profile `plugin`)
+  test [ARGS]     build the plugins, then `cargo test --workspace [ARGS]`
+  demo            run the quickstart gateway in front of a local echo upstream";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::FAILURE;
+    };
+
+    match run(command, rest, &workspace_root()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
+    match command {
+        "build-plugins" => {
+            no_arguments(command, args)?;
+            plugins::build(root)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "test" => test(root, args),
+        "demo" => {
+            no_arguments(command, args)?;
+            demo::run(root)
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(format!("unknown command `{command}`\n\n{USAGE}").into()),
+    }
+}
+
+/// `cargo xtask test`: the workspace tests need the plugins, which `cargo test` cannot build.
+/// Exits with the status of `cargo test`, so CI sees its failure as it is.
+fn test(root: &Path, args: &[String]) -> Result<ExitCode> {
+    plugins::build(root)?;
+
+    let status = cargo::cargo(root)
+        .args(["test", "--workspace"])
+        .args(args)
+        .status()
+        .map_err(|err| format!("cannot run cargo: {err}"))?;
+    Ok(exit_code(status))
+}
+
+fn no_arguments(command: &str, args: &[String]) -> Result<()> {
+    match args {
+        [] => Ok(()),
+        _ => Err(format!("`{command}` takes no arguments, got `{}`", args.join(" ")).into()),
+    }
+}
+
+/// The folder of the workspace `Cargo.toml`; this crate sits directly inside it.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// A child's status as this process's own; killed by a signal counts as a plain failure.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}
