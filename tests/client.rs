@@ -47,7 +47,11 @@ pub async fn send(request: Request<Bytes>) -> Reply {
         .expect("request sent");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("whole body").to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 /// Writes raw bytes to `addr` and returns everything read until the server closes the

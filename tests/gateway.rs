@@ -16,8 +16,14 @@ pub fn plugin_path(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("wasm32-wasip2/plugin").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run the tests with `cargo xtask test`", path.display());
+    let path = target
+        .join("wasm32-wasip2/plugin")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        path.display()
+    );
     path
 }
 
@@ -46,7 +52,12 @@ impl TestGateway {
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        Ok(TestGateway { addr, admin, stop: Some(stop), task: Some(task) })
+        Ok(TestGateway {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        })
     }
 
     /// A URL on the gateway's public listener.
@@ -56,7 +67,9 @@ impl TestGateway {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        crate::get(&format!("http://{}/metrics", self.admin)).await.text()
+        crate::get(&format!("http://{}/metrics", self.admin))
+            .await
+            .text()
     }
 
     /// Stops accepting, drains in-flight requests and waits for the server to end.

@@ -34,7 +34,9 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let received = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(accept(listener, received.clone()));
@@ -48,13 +50,17 @@ impl TestUpstream {
 
     /// The last request received.
     pub fn last(&self) -> Recorded {
-        self.received().pop().expect("the upstream received a request")
+        self.received()
+            .pop()
+            .expect("the upstream received a request")
     }
 }
 
 async fn accept(listener: TcpListener, received: Arc<Mutex<Vec<Recorded>>>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let received = received.clone();
         let service = service_fn(move |request| echo(request, received.clone()));
         tokio::spawn(async move {
@@ -70,11 +76,22 @@ async fn echo(
     received: Arc<Mutex<Vec<Recorded>>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let delay = parts.headers.get("x-delay-ms").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let delay = parts
+        .headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let recorded = Recorded {
         method: parts.method.to_string(),
-        path_and_query: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string(),
         headers: parts.headers,
         body,
     };
@@ -88,7 +105,11 @@ async fn echo(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let mut response = Response::new(Full::new(Bytes::from(echo.to_string())));
-    response.headers_mut().insert("content-type", "application/json".parse().expect("valid"));
-    response.headers_mut().insert("x-upstream-header", "present".parse().expect("valid"));
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().expect("valid"));
+    response
+        .headers_mut()
+        .insert("x-upstream-header", "present".parse().expect("valid"));
     Ok(response)
 }

@@ -17,7 +17,9 @@ use crate::gateway::Gateway;
 /// Serves admin requests until the task is dropped.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -39,13 +41,20 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
             "text/plain; version=0.0.4; charset=utf-8",
             gateway.metrics().render(),
         ),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }

@@ -177,16 +177,28 @@ impl Config {
 
     /// Parses and checks config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|err| ConfigError::one(err))?;
+        let config: Config = toml::from_str(text).map_err(ConfigError::one)?;
         let problems = config.problems();
-        if problems.is_empty() { Ok(config) } else { Err(ConfigError { problems }) }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// Everything wrong with the references and values of a parsed config.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let upstreams = unique_names("upstream", self.upstreams.iter().map(|u| &u.name), &mut problems);
-        let plugins = unique_names("plugin", self.plugins.iter().map(|p| &p.name), &mut problems);
+        let upstreams = unique_names(
+            "upstream",
+            self.upstreams.iter().map(|u| &u.name),
+            &mut problems,
+        );
+        let plugins = unique_names(
+            "plugin",
+            self.plugins.iter().map(|p| &p.name),
+            &mut problems,
+        );
         unique_names("route", self.routes.iter().map(|r| &r.name), &mut problems);
 
         for upstream in &self.upstreams {
@@ -210,7 +222,10 @@ impl Upstream {
             problems.push(format!("upstream `{}` has no targets", self.name));
         }
         for target in &self.targets {
-            if target.parse::<http::uri::Authority>().map_or(true, |a| a.port().is_none()) {
+            if target
+                .parse::<http::uri::Authority>()
+                .map_or(true, |a| a.port().is_none())
+            {
                 problems.push(format!(
                     "upstream `{}`: target `{target}` is not `host:port`",
                     self.name
@@ -235,7 +250,9 @@ impl Plugin {
             problems.push(format!("plugin `{name}`: max_instances must be at least 1"));
         }
         if self.fuel == 0 || self.deadline_ms.is_zero() {
-            problems.push(format!("plugin `{name}`: fuel and deadline_ms must be above zero"));
+            problems.push(format!(
+                "plugin `{name}`: fuel and deadline_ms must be above zero"
+            ));
         }
     }
 
@@ -248,10 +265,18 @@ impl Plugin {
 // === impl Route ===
 
 impl Route {
-    fn check(&self, upstreams: &HashSet<&str>, plugins: &HashSet<&str>, problems: &mut Vec<String>) {
+    fn check(
+        &self,
+        upstreams: &HashSet<&str>,
+        plugins: &HashSet<&str>,
+        problems: &mut Vec<String>,
+    ) {
         let name = &self.name;
         if !upstreams.contains(self.upstream.as_str()) {
-            problems.push(format!("route `{name}`: unknown upstream `{}`", self.upstream));
+            problems.push(format!(
+                "route `{name}`: unknown upstream `{}`",
+                self.upstream
+            ));
         }
         for policy in &self.policies {
             if !plugins.contains(policy.as_str()) {
@@ -266,7 +291,9 @@ impl Route {
 
 impl ConfigError {
     pub fn one(problem: impl ToString) -> Self {
-        ConfigError { problems: vec![problem.to_string()] }
+        ConfigError {
+            problems: vec![problem.to_string()],
+        }
     }
 }
 
@@ -296,13 +323,18 @@ impl Default for Listener {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { address: SocketAddr::from(([127, 0, 0, 1], 9901)) }
+        Admin {
+            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
     }
 }
 
 impl Default for Runtime {
     fn default() -> Self {
-        Runtime { instance_slots: 256, max_memory_bytes: 64 << 20 }
+        Runtime {
+            instance_slots: 256,
+            max_memory_bytes: 64 << 20,
+        }
     }
 }
 
@@ -394,7 +426,10 @@ mod tests {
 
     #[test]
     fn dangling_references_are_all_reported() {
-        let text = MINIMAL.replace("upstream = \"app\"", "upstream = \"nope\"\npolicies = [\"ghost\"]");
+        let text = MINIMAL.replace(
+            "upstream = \"app\"",
+            "upstream = \"nope\"\npolicies = [\"ghost\"]",
+        );
         let err = Config::parse(&text).expect_err("dangling");
         assert_eq!(err.problems.len(), 2, "{err}");
     }

@@ -36,7 +36,8 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the plugin runtime and the first snapshot; any problem fails the whole start.
     pub async fn new(config: &Config, metrics: Metrics) -> Result<Arc<Gateway>, ConfigError> {
-        let runtime = Runtime::new(&config.runtime).map_err(|err| ConfigError::one(format!("{err:#}")))?;
+        let runtime =
+            Runtime::new(&config.runtime).map_err(|err| ConfigError::one(format!("{err:#}")))?;
         let buckets = Arc::new(Buckets::new());
         let snapshot = build_snapshot(config, &runtime, &buckets, &metrics).await?;
         spawn_bucket_sweeper(Arc::downgrade(&buckets));
@@ -95,15 +96,24 @@ async fn build_snapshot(
         return Err(ConfigError { problems });
     }
 
-    let upstreams: HashMap<&str, Arc<Upstream>> =
-        config.upstreams.iter().map(|u| (u.name.as_str(), Arc::new(Upstream::new(u)))).collect();
+    let upstreams: HashMap<&str, Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), Arc::new(Upstream::new(u))))
+        .collect();
     let routes = config.routes.iter().map(|route| {
         // NB: `Config::parse` has checked that every name a route uses exists.
         let upstream = upstreams[route.upstream.as_str()].clone();
-        let policies = route.policies.iter().map(|name| plugins[name.as_str()].clone()).collect();
+        let policies = route
+            .policies
+            .iter()
+            .map(|name| plugins[name.as_str()].clone())
+            .collect();
         Route::new(route, upstream, policies)
     });
-    Ok(Snapshot { router: Router::new(routes.collect()) })
+    Ok(Snapshot {
+        router: Router::new(routes.collect()),
+    })
 }
 
 fn spawn_bucket_sweeper(buckets: std::sync::Weak<Buckets>) {
@@ -112,7 +122,9 @@ fn spawn_bucket_sweeper(buckets: std::sync::Weak<Buckets>) {
         every.tick().await;
         loop {
             every.tick().await;
-            let Some(buckets) = buckets.upgrade() else { return };
+            let Some(buckets) = buckets.upgrade() else {
+                return;
+            };
             buckets.retain_recent();
         }
     });

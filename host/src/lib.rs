@@ -38,12 +38,19 @@ impl Server {
         let gateway = Gateway::new(&config, Metrics::new()).await?;
         let listener = bind(config.listener.address, "listener").await?;
         let admin = bind(config.admin.address, "admin listener").await?;
-        Ok(Server { gateway, listener, admin, config })
+        Ok(Server {
+            gateway,
+            listener,
+            admin,
+            config,
+        })
     }
 
     /// The address the public listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.listener.address)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.config.listener.address)
     }
 
     /// The address the admin listener is bound to.

@@ -8,7 +8,11 @@ use sluice::{Config, ConfigError, Server};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A programmable edge and API gateway with WebAssembly policies")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A programmable edge and API gateway with WebAssembly policies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,10 +39,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json_logs = matches!(cli.command, Command::Run { json_logs: true, .. });
+    let json_logs = matches!(
+        cli.command,
+        Command::Run {
+            json_logs: true,
+            ..
+        }
+    );
     init_logging(json_logs);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -90,7 +103,10 @@ async fn check(path: PathBuf) -> ExitCode {
 
 fn report(err: &anyhow::Error) {
     match err.downcast_ref::<ConfigError>() {
-        Some(config) => config.problems.iter().for_each(|problem| eprintln!("error: {problem}")),
+        Some(config) => config
+            .problems
+            .iter()
+            .for_each(|problem| eprintln!("error: {problem}")),
         None => eprintln!("error: {err:#}"),
     }
 }
@@ -119,7 +135,9 @@ async fn shutdown_signal() {
 
 fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

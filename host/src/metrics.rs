@@ -8,8 +8,10 @@ use prometheus::{
 use crate::plugin::{Phase, PluginFailure};
 
 /// Buckets for request and plugin durations: 50 µs to 10 s.
-const DURATION_BUCKETS: &[f64] =
-    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
 
 /// Buckets for fuel used per call: 1,000 to 100 million units.
 const FUEL_BUCKETS: &[f64] = &[1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8];
@@ -46,22 +48,70 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         Metrics {
-            requests: counter(&registry, "sluice_requests_total", "Requests answered, by route and status code.", &["route", "status"]),
-            request_duration: histogram(&registry, "sluice_request_duration_seconds", "Time from receiving a request to sending its response headers, by route.", &["route"], DURATION_BUCKETS),
-            plugin_duration: histogram(&registry, "sluice_plugin_duration_seconds", "Time spent in one plugin call, by plugin and phase.", &["plugin", "phase"], DURATION_BUCKETS),
-            plugin_fuel: histogram(&registry, "sluice_plugin_fuel_consumed", "Fuel consumed by one plugin call, by plugin.", &["plugin"], FUEL_BUCKETS),
-            plugin_failures: counter(&registry, "sluice_plugin_failures_total", "Plugin calls that failed, by plugin and reason.", &["plugin", "reason"]),
-            plugin_instances: gauge(&registry, "sluice_plugin_instances", "Live plugin instances, by plugin and state (idle or busy).", &["plugin", "state"]),
-            plugin_wait: histogram(&registry, "sluice_plugin_wait_seconds", "Time a call waited for a free plugin instance, by plugin.", &["plugin"], DURATION_BUCKETS),
-            plugin_waiting: gauge(&registry, "sluice_plugin_queue_depth", "Calls waiting for a free plugin instance, by plugin.", &["plugin"]),
+            requests: counter(
+                &registry,
+                "sluice_requests_total",
+                "Requests answered, by route and status code.",
+                &["route", "status"],
+            ),
+            request_duration: histogram(
+                &registry,
+                "sluice_request_duration_seconds",
+                "Time from receiving a request to sending its response headers, by route.",
+                &["route"],
+                DURATION_BUCKETS,
+            ),
+            plugin_duration: histogram(
+                &registry,
+                "sluice_plugin_duration_seconds",
+                "Time spent in one plugin call, by plugin and phase.",
+                &["plugin", "phase"],
+                DURATION_BUCKETS,
+            ),
+            plugin_fuel: histogram(
+                &registry,
+                "sluice_plugin_fuel_consumed",
+                "Fuel consumed by one plugin call, by plugin.",
+                &["plugin"],
+                FUEL_BUCKETS,
+            ),
+            plugin_failures: counter(
+                &registry,
+                "sluice_plugin_failures_total",
+                "Plugin calls that failed, by plugin and reason.",
+                &["plugin", "reason"],
+            ),
+            plugin_instances: gauge(
+                &registry,
+                "sluice_plugin_instances",
+                "Live plugin instances, by plugin and state (idle or busy).",
+                &["plugin", "state"],
+            ),
+            plugin_wait: histogram(
+                &registry,
+                "sluice_plugin_wait_seconds",
+                "Time a call waited for a free plugin instance, by plugin.",
+                &["plugin"],
+                DURATION_BUCKETS,
+            ),
+            plugin_waiting: gauge(
+                &registry,
+                "sluice_plugin_queue_depth",
+                "Calls waiting for a free plugin instance, by plugin.",
+                &["plugin"],
+            ),
             registry,
         }
     }
 
     /// Counts an answered request.
     pub fn request(&self, route: &str, status: http::StatusCode, seconds: f64) {
-        self.requests.with_label_values(&[route, status.as_str()]).inc();
-        self.request_duration.with_label_values(&[route]).observe(seconds);
+        self.requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(seconds);
     }
 
     /// The metrics of one plugin.
@@ -103,25 +153,39 @@ impl PluginMetrics {
     }
 
     pub fn failure(&self, failure: &PluginFailure) {
-        self.failures.with_label_values(&[self.plugin.as_str(), failure.reason()]).inc();
+        self.failures
+            .with_label_values(&[self.plugin.as_str(), failure.reason()])
+            .inc();
     }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
     let metric = HistogramVec::new(opts, labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
     metric
 }

@@ -109,11 +109,16 @@ impl Plugin {
             pool: Pool::new(settings),
             metrics: metrics.plugin(&settings.name),
         });
-        let first = plugin.instantiate().await.map_err(|failure| match failure {
-            PluginFailure::Init(message) => format!("rejected its config: {message}"),
-            other => other.to_string(),
-        })?;
-        plugin.pool.seed(first, plugin.settings.isolation == Isolation::Pooled);
+        let first = plugin
+            .instantiate()
+            .await
+            .map_err(|failure| match failure {
+                PluginFailure::Init(message) => format!("rejected its config: {message}"),
+                other => other.to_string(),
+            })?;
+        plugin
+            .pool
+            .seed(first, plugin.settings.isolation == Isolation::Pooled);
         Ok(plugin)
     }
 
@@ -126,7 +131,10 @@ impl Plugin {
     }
 
     /// Runs the request phase.
-    pub async fn on_request(&self, request: &RequestHead) -> Result<RequestDecision, PluginFailure> {
+    pub async fn on_request(
+        &self,
+        request: &RequestHead,
+    ) -> Result<RequestDecision, PluginFailure> {
         self.call(Phase::Request, async |instance: &mut Instance| {
             let handler = instance.policy.sluice_policy_handler();
             handler.call_on_request(&mut instance.store, request).await
@@ -142,7 +150,9 @@ impl Plugin {
     ) -> Result<HeaderChanges, PluginFailure> {
         self.call(Phase::Response, async |instance: &mut Instance| {
             let handler = instance.policy.sluice_policy_handler();
-            handler.call_on_response(&mut instance.store, request, response).await
+            handler
+                .call_on_response(&mut instance.store, request, response)
+                .await
         })
         .await
     }
@@ -196,10 +206,21 @@ impl Plugin {
             .map_err(|err| PluginFailure::Init(err.to_string()))?;
         self.arm(&mut store, INIT_BUDGET_FACTOR);
 
-        let policy = self.pre.instantiate_async(&mut store).await.map_err(|err| classify(&err, &store))?;
-        let init = policy.sluice_policy_handler().call_init(&mut store, &self.config_json).await;
+        let policy = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|err| classify(&err, &store))?;
+        let init = policy
+            .sluice_policy_handler()
+            .call_init(&mut store, &self.config_json)
+            .await;
         match init {
-            Ok(Ok(())) => Ok(Instance { store, policy, uses: 0 }),
+            Ok(Ok(())) => Ok(Instance {
+                store,
+                policy,
+                uses: 0,
+            }),
             Ok(Err(message)) => Err(PluginFailure::Init(message)),
             Err(err) => Err(PluginFailure::Init(classify(&err, &store).to_string())),
         }
@@ -207,7 +228,8 @@ impl Plugin {
 
     /// Gives a store a fresh fuel budget and wall-clock deadline, `factor` times the call's.
     fn arm(&self, store: &mut Store<StoreState>, factor: u64) {
-        let ticks = self.settings.deadline_ms.as_millis() as u64 / runtime::EPOCH_TICK.as_millis() as u64;
+        let ticks =
+            self.settings.deadline_ms.as_millis() as u64 / runtime::EPOCH_TICK.as_millis() as u64;
         // NB: setting fuel only fails when fuel is disabled, and the engine always enables it.
         let _ = store.set_fuel(self.settings.fuel.saturating_mul(factor));
         store.set_epoch_deadline(ticks.max(1).saturating_mul(factor));
@@ -226,7 +248,9 @@ impl Plugin {
     fn record_call(&self, phase: Phase, started: Instant, store: &Store<StoreState>) {
         let fuel_left = store.get_fuel().unwrap_or(0);
         let used = self.settings.fuel.saturating_sub(fuel_left);
-        self.metrics.duration(phase).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration(phase)
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.fuel.observe(used as f64);
     }
 
@@ -234,14 +258,20 @@ impl Plugin {
     pub fn failed(&self, failure: PluginFailure) -> PluginFailure {
         self.metrics.failure(&failure);
         self.pool.report(&self.metrics);
-        tracing::warn!(plugin = &*self.name, reason = failure.reason(), "plugin failed: {failure}");
+        tracing::warn!(
+            plugin = &*self.name,
+            reason = failure.reason(),
+            "plugin failed: {failure}"
+        );
         failure
     }
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 

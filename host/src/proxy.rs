@@ -10,9 +10,9 @@ mod server;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
+pub use forward::Upstream;
 pub use handler::handle;
 pub use router::{Route, Router};
-pub use forward::Upstream;
 pub use server::serve;
 
 /// Errors from a streamed body, whichever side it came from.

@@ -155,7 +155,11 @@ impl HeaderChanges {
 impl Reply {
     /// An empty response with this status.
     pub fn new(status: u16) -> Self {
-        Reply { status, headers: Vec::new(), body: Vec::new() }
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
     }
 
     /// Adds a response header.
@@ -166,12 +170,14 @@ impl Reply {
 
     /// A plain-text body, with its `content-type`.
     pub fn text(self, body: impl Into<String>) -> Self {
-        self.header("content-type", "text/plain; charset=utf-8").body(body.into())
+        self.header("content-type", "text/plain; charset=utf-8")
+            .body(body.into())
     }
 
     /// A JSON body, with its `content-type`.
     pub fn json(self, body: &serde_json::Value) -> Self {
-        self.header("content-type", "application/json").body(body.to_string())
+        self.header("content-type", "application/json")
+            .body(body.to_string())
     }
 
     /// A body of raw bytes.
@@ -190,5 +196,8 @@ impl Reply {
 }
 
 fn into_wit_headers(headers: Vec<(String, Vec<u8>)>) -> Vec<wit::Header> {
-    headers.into_iter().map(|(name, value)| wit::Header { name, value }).collect()
+    headers
+        .into_iter()
+        .map(|(name, value)| wit::Header { name, value })
+        .collect()
 }

@@ -34,8 +34,10 @@ pub fn log(level: LogLevel, message: &str, fields: &[(&str, &str)]) {
             LogLevel::Warn => wit_types::LogLevel::Warn,
             LogLevel::Error => wit_types::LogLevel::Error,
         };
-        let fields: Vec<(String, String)> =
-            fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         wit::log(level, message, &fields);
     }
     #[cfg(not(target_arch = "wasm32"))]
@@ -57,7 +59,11 @@ pub fn monotonic_now() -> u64 {
 pub fn rate_limit(bucket: &str, key: &str, quota: Quota, cost: u32) -> RateLimitOutcome {
     #[cfg(target_arch = "wasm32")]
     {
-        let quota = wit::Quota { limit: quota.limit, period_ms: quota.period_ms, burst: quota.burst };
+        let quota = wit::Quota {
+            limit: quota.limit,
+            period_ms: quota.period_ms,
+            burst: quota.burst,
+        };
         let outcome = wit::rate_limit(bucket, key, quota, cost);
         RateLimitOutcome {
             allowed: outcome.allowed,

@@ -40,7 +40,9 @@ impl Request {
 
     /// The query string without the `?`, if there is one.
     pub fn query(&self) -> Option<&str> {
-        self.path_and_query().split_once('?').map(|(_, query)| query)
+        self.path_and_query()
+            .split_once('?')
+            .map(|(_, query)| query)
     }
 
     /// The client's IP address in text form.
@@ -60,12 +62,16 @@ impl Request {
 
     /// The first header called `name` as text; `None` if it is absent or not valid UTF-8.
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|value| std::str::from_utf8(value).ok())
+        self.header(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
     }
 
     /// Every header as a name and raw value, in the order received.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))
+        self.head
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_slice()))
     }
 }
 
@@ -88,12 +94,16 @@ impl Response {
 
     /// The first header called `name` as text; `None` if it is absent or not valid UTF-8.
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.header(name).and_then(|value| std::str::from_utf8(value).ok())
+        self.header(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
     }
 
     /// Every header as a name and raw value.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.head.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()))
+        self.head
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_slice()))
     }
 }
 

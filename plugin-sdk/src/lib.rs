@@ -128,7 +128,9 @@ macro_rules! export_policy {
             struct SluiceExport;
 
             impl $crate::bindings::exports::sluice::policy::handler::Guest for SluiceExport {
-                fn init(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<(), ::std::string::String> {
                     POLICY.with(|cell| $crate::__private::init::<$policy>(cell, config))
                 }
 
@@ -146,7 +148,7 @@ macro_rules! export_policy {
                         $crate::__private::on_response::<$policy>(cell, request, response)
                     })
                 }
-            }
+    }
 
             $crate::bindings::export!(SluiceExport with_types_in $crate::bindings);
         };
@@ -169,8 +171,13 @@ pub mod __private {
             .map_err(|_| "the policy was initialised twice".to_string())
     }
 
-    pub fn on_request<P: Policy>(cell: &OnceCell<P>, head: types::RequestHead) -> types::RequestDecision {
-        let policy = cell.get().expect("the gateway calls init before any request");
+    pub fn on_request<P: Policy>(
+        cell: &OnceCell<P>,
+        head: types::RequestHead,
+    ) -> types::RequestDecision {
+        let policy = cell
+            .get()
+            .expect("the gateway calls init before any request");
         policy.on_request(&Request::from_head(head)).into_wit()
     }
 
@@ -179,8 +186,12 @@ pub mod __private {
         request: types::RequestHead,
         response: types::ResponseHead,
     ) -> types::HeaderChanges {
-        let policy = cell.get().expect("the gateway calls init before any request");
+        let policy = cell
+            .get()
+            .expect("the gateway calls init before any request");
         let request = Request::from_head(request);
-        policy.on_response(&request, &Response::from_head(response)).into_wit()
+        policy
+            .on_response(&request, &Response::from_head(response))
+            .into_wit()
     }
 }

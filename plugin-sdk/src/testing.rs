@@ -61,7 +61,10 @@ impl TestRequest {
 
     /// Adds a header; the name is lower-cased as the gateway does.
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
-        self.head.headers.push(Header { name: name.to_ascii_lowercase(), value: value.into() });
+        self.head.headers.push(Header {
+            name: name.to_ascii_lowercase(),
+            value: value.into(),
+        });
         self
     }
 
@@ -89,7 +92,10 @@ pub fn response(status: u16, headers: &[(&str, &str)]) -> Response {
         status,
         headers: headers
             .iter()
-            .map(|(n, v)| Header { name: n.to_ascii_lowercase(), value: v.as_bytes().to_vec() })
+            .map(|(n, v)| Header {
+                name: n.to_ascii_lowercase(),
+                value: v.as_bytes().to_vec(),
+            })
             .collect(),
     })
 }
@@ -124,6 +130,8 @@ pub(crate) mod native {
 
     pub(crate) fn rate_limit(bucket: &str, key: &str, quota: Quota, cost: u32) -> RateLimitOutcome {
         static BUCKETS: OnceLock<Buckets> = OnceLock::new();
-        BUCKETS.get_or_init(Buckets::new).check(bucket, key, quota, cost)
+        BUCKETS
+            .get_or_init(Buckets::new)
+            .check(bucket, key, quota, cost)
     }
 }

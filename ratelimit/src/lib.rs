@@ -38,6 +38,10 @@ pub struct Outcome {
 impl Outcome {
     /// The answer to a check that can never succeed: a zero or overflowing quota, or a cost
     /// above the burst.
-    pub const NEVER: Outcome =
-        Outcome { allowed: false, remaining: 0, retry_after_ms: u64::MAX, reset_after_ms: 0 };
+    pub const NEVER: Outcome = Outcome {
+        allowed: false,
+        remaining: 0,
+        retry_after_ms: u64::MAX,
+        reset_after_ms: 0,
+    };
 }

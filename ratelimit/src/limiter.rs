@@ -73,7 +73,9 @@ impl Buckets {
     fn limiter(&self, bucket: &str, quota: Quota, gcra: governor::Quota) -> Arc<KeyedLimiter> {
         let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
         let entry = limiters.entry((bucket.to_string(), quota));
-        entry.or_insert_with(|| Arc::new(RateLimiter::keyed(gcra).with_middleware())).clone()
+        entry
+            .or_insert_with(|| Arc::new(RateLimiter::keyed(gcra).with_middleware()))
+            .clone()
     }
 }
 
@@ -84,9 +86,17 @@ fn gcra_quota(quota: Quota, burst: NonZeroU32) -> Option<(governor::Quota, Durat
     Some((gcra, per_unit))
 }
 
-fn refused(not_until: &NotUntil<<DefaultClock as Clock>::Instant>, full_refill: Duration) -> Outcome {
+fn refused(
+    not_until: &NotUntil<<DefaultClock as Clock>::Instant>,
+    full_refill: Duration,
+) -> Outcome {
     let wait = not_until.wait_time_from(DefaultClock::default().now());
-    Outcome { allowed: false, remaining: 0, retry_after_ms: millis(wait), reset_after_ms: millis(full_refill) }
+    Outcome {
+        allowed: false,
+        remaining: 0,
+        retry_after_ms: millis(wait),
+        reset_after_ms: millis(full_refill),
+    }
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -97,7 +107,11 @@ fn millis(duration: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    const FIVE_PER_SECOND: Quota = Quota { limit: 5, period_ms: 1000, burst: 5 };
+    const FIVE_PER_SECOND: Quota = Quota {
+        limit: 5,
+        period_ms: 1000,
+        burst: 5,
+    };
 
     #[test]
     fn burst_is_spent_then_refused_with_a_retry_time() {
@@ -128,7 +142,10 @@ mod tests {
         let buckets = Buckets::new();
         assert_eq!(buckets.check("b", "k", FIVE_PER_SECOND, 6), Outcome::NEVER);
         assert_eq!(buckets.check("b", "k", FIVE_PER_SECOND, 0), Outcome::NEVER);
-        let zero = Quota { limit: 0, ..FIVE_PER_SECOND };
+        let zero = Quota {
+            limit: 0,
+            ..FIVE_PER_SECOND
+        };
         assert_eq!(buckets.check("b", "k", zero, 1), Outcome::NEVER);
     }
 }

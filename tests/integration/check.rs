@@ -31,47 +31,69 @@ policies = ["p"]
 
 #[tokio::test]
 async fn a_valid_config_passes() {
-    check(&plugin_at("{plugin:chaos}", r#"{ mode = "count" }"#)).await.expect("valid");
+    check(&plugin_at("{plugin:chaos}", r#"{ mode = "count" }"#))
+        .await
+        .expect("valid");
 }
 
 #[tokio::test]
 async fn an_unknown_key_is_named_with_its_line() {
-    let err = check("[[routes]]\nname = \"r\"\nupstream = \"app\"\ntimeout = 5\n").await.unwrap_err();
+    let err = check("[[routes]]\nname = \"r\"\nupstream = \"app\"\ntimeout = 5\n")
+        .await
+        .unwrap_err();
     assert!(err.contains("unknown field `timeout`"), "{err}");
     assert!(err.contains("line"), "{err}");
 }
 
 #[tokio::test]
 async fn a_missing_plugin_file_is_named() {
-    let err = check(&plugin_at("/nowhere/missing.wasm", "{}")).await.unwrap_err();
-    assert!(err.contains("plugin `p`") && err.contains("/nowhere/missing.wasm"), "{err}");
+    let err = check(&plugin_at("/nowhere/missing.wasm", "{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("plugin `p`") && err.contains("/nowhere/missing.wasm"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_corrupt_wasm_file_is_refused() {
     let mut file = tempfile();
-    file.1.write_all(b"\0asm\x0d\0\x01\0 this is not a component").unwrap();
+    file.1
+        .write_all(b"\0asm\x0d\0\x01\0 this is not a component")
+        .unwrap();
     let err = check(&plugin_at(&file.0, "{}")).await.unwrap_err();
     assert!(err.contains("plugin `p`"), "{err}");
 }
 
 #[tokio::test]
 async fn a_component_importing_what_the_host_lacks_is_refused_naming_the_import() {
-    let err = check(&plugin_at("{plugin:forbidden}", "{}")).await.unwrap_err();
+    let err = check(&plugin_at("{plugin:forbidden}", "{}"))
+        .await
+        .unwrap_err();
     assert!(err.contains("test:forbidden/secrets"), "{err}");
 }
 
 #[tokio::test]
 async fn a_plugin_config_the_policy_rejects_is_refused_at_load() {
-    let err = check(&plugin_at("{plugin:chaos}", r#"{ mode = "explode" }"#)).await.unwrap_err();
-    assert!(err.contains("rejected its config") && err.contains("explode"), "{err}");
+    let err = check(&plugin_at("{plugin:chaos}", r#"{ mode = "explode" }"#))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("rejected its config") && err.contains("explode"),
+        "{err}"
+    );
 }
 
 /// A file in the system temp folder, unique to this process and call.
 fn tempfile() -> (String, std::fs::File) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!("sluice-test-{}-{}.wasm", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "sluice-test-{}-{}.wasm",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
     let path = std::env::temp_dir().join(name);
     let file = std::fs::File::create(&path).unwrap();
     (path.display().to_string(), file)

@@ -37,9 +37,17 @@ async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
 }
 
 fn token(subject: &str, audience: &str, expires_in: i64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let claims = serde_json::json!({ "sub": subject, "aud": audience, "exp": now + expires_in });
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes()).unwrap()).unwrap()
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -58,7 +66,13 @@ async fn auth_refuses_missing_and_wrong_api_keys_and_admits_the_right_one() {
     let spoofed = [("x-api-key", "demo-key"), ("x-sluice-identity", "admin")];
     let admitted = get_with(&gateway.url("/api/x"), &spoofed).await;
     assert_eq!(admitted.status, StatusCode::OK);
-    let identities: Vec<_> = upstream.last().headers.get_all("x-sluice-identity").iter().cloned().collect();
+    let identities: Vec<_> = upstream
+        .last()
+        .headers
+        .get_all("x-sluice-identity")
+        .iter()
+        .cloned()
+        .collect();
     assert_eq!(identities, ["demo-user"]);
 }
 
@@ -68,20 +82,47 @@ async fn auth_checks_jwt_signature_expiry_and_audience() {
     let gateway = TestGateway::start(&upstream, AUTH).await;
     let bearer = |token: String| format!("Bearer {token}");
 
-    let valid = get_with(&gateway.url("/api/x"), &[("authorization", &bearer(token("alice", "sluice-tests", 300)))]).await;
+    let valid = get_with(
+        &gateway.url("/api/x"),
+        &[(
+            "authorization",
+            &bearer(token("alice", "sluice-tests", 300)),
+        )],
+    )
+    .await;
     assert_eq!(valid.status, StatusCode::OK);
     assert_eq!(upstream.last().headers["x-sluice-identity"], "alice");
 
-    let expired = get_with(&gateway.url("/api/x"), &[("authorization", &bearer(token("alice", "sluice-tests", -600)))]).await;
+    let expired = get_with(
+        &gateway.url("/api/x"),
+        &[(
+            "authorization",
+            &bearer(token("alice", "sluice-tests", -600)),
+        )],
+    )
+    .await;
     assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
-    assert!(expired.header("www-authenticate").unwrap().contains("invalid_token"));
+    assert!(
+        expired
+            .header("www-authenticate")
+            .unwrap()
+            .contains("invalid_token")
+    );
 
-    let other_audience = get_with(&gateway.url("/api/x"), &[("authorization", &bearer(token("alice", "elsewhere", 300)))]).await;
+    let other_audience = get_with(
+        &gateway.url("/api/x"),
+        &[("authorization", &bearer(token("alice", "elsewhere", 300)))],
+    )
+    .await;
     assert_eq!(other_audience.status, StatusCode::UNAUTHORIZED);
 
     let mut forged = token("alice", "sluice-tests", 300);
     forged.pop();
-    let forged = get_with(&gateway.url("/api/x"), &[("authorization", &bearer(forged))]).await;
+    let forged = get_with(
+        &gateway.url("/api/x"),
+        &[("authorization", &bearer(forged))],
+    )
+    .await;
     assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
     assert_eq!(upstream.received().len(), 1);
 }
@@ -112,7 +153,11 @@ policies = ["transform"]
 "#;
     let gateway = TestGateway::start(&upstream, fragment).await;
 
-    let reply = get_with(&gateway.url("/old/items?page=2"), &[("x-internal", "secret"), ("x-env", "prod")]).await;
+    let reply = get_with(
+        &gateway.url("/old/items?page=2"),
+        &[("x-internal", "secret"), ("x-env", "prod")],
+    )
+    .await;
 
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-served-by"), Some("sluice"));
@@ -154,7 +199,11 @@ policies = ["throttle"]
     assert!((1..=20).contains(&retry_after), "{retry_after}");
     assert!(limited.header("ratelimit-policy").unwrap().contains("q=3"));
     assert!(limited.header("ratelimit").is_some());
-    assert_eq!(other_tenant.status, StatusCode::OK, "tenants have separate buckets");
+    assert_eq!(
+        other_tenant.status,
+        StatusCode::OK,
+        "tenants have separate buckets"
+    );
     assert_eq!(upstream.received().len(), 4);
 }
 
@@ -186,10 +235,19 @@ policies = ["auth", "transform", "throttle"]
     let gateway = TestGateway::start(&upstream, fragment).await;
     let key = [("x-api-key", "k1")];
 
-    assert_eq!(get(&gateway.url("/")).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        get(&gateway.url("/")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let first = get_with(&gateway.url("/"), &key).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.header("x-chain"), Some("done"));
-    assert_eq!(get_with(&gateway.url("/"), &key).await.status, StatusCode::OK);
-    assert_eq!(get_with(&gateway.url("/"), &key).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        get_with(&gateway.url("/"), &key).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_with(&gateway.url("/"), &key).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }

@@ -45,7 +45,11 @@ async fn a_chunked_request_body_is_streamed_through() {
     let raw = b"POST /upload HTTP/1.1\r\nHost: example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
     let response = send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
 
-    assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
     assert_eq!(upstream.last().body, Bytes::from_static(b"hello world"));
 }
 
@@ -59,7 +63,12 @@ async fn hop_by_hop_headers_and_those_named_in_connection_are_not_forwarded() {
 
     assert!(response.starts_with(b"HTTP/1.1 200"));
     let seen = upstream.last().headers;
-    for name in ["x-secret", "keep-alive", "proxy-authorization", "connection"] {
+    for name in [
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
         assert!(!seen.contains_key(name), "{name} was forwarded");
     }
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
@@ -71,8 +80,12 @@ async fn http2_clients_are_served_over_h2c() {
     let upstream = TestUpstream::start().await;
     let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
 
-    let client = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
-    let request = Request::get(gateway.url("/over-h2")).body(Full::new(Bytes::new())).unwrap();
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = Request::get(gateway.url("/over-h2"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let response = client.request(request).await.expect("h2c response");
 
     assert_eq!(response.status(), StatusCode::OK);
@@ -154,16 +167,27 @@ async fn metrics_count_requests_by_route_and_status() {
     }
 
     let metrics = gateway.metrics().await;
-    assert!(metrics.contains(r#"sluice_requests_total{route="plain",status="200"} 3"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_requests_total{route="plain",status="200"} 3"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("sluice_request_duration_seconds_bucket{route=\"plain\""));
-    assert_eq!(get(&format!("http://{}/healthz", gateway.admin)).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&format!("http://{}/healthz", gateway.admin))
+            .await
+            .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     let upstream = TestUpstream::start().await;
     let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
-    let request = Request::get(gateway.url("/slow")).header("x-delay-ms", "500").body(Bytes::new()).unwrap();
+    let request = Request::get(gateway.url("/slow"))
+        .header("x-delay-ms", "500")
+        .body(Bytes::new())
+        .unwrap();
     let in_flight = tokio::spawn(send(request));
     tokio::time::sleep(Duration::from_millis(150)).await;
 

@@ -42,25 +42,45 @@ fn failures(metrics: &str, reason: &str) -> u64 {
 #[tokio::test]
 async fn a_pooled_instance_is_reused_and_replaced_after_a_trap() {
     let upstream = TestUpstream::start().await;
-    let gateway = TestGateway::start(&upstream, &chaos_config("trap-on-header", "max_instances = 1")).await;
+    let gateway = TestGateway::start(
+        &upstream,
+        &chaos_config("trap-on-header", "max_instances = 1"),
+    )
+    .await;
 
     get(&gateway.url("/chaos/1")).await;
     let first = upstream.last().headers;
     get(&gateway.url("/chaos/2")).await;
     let second = upstream.last().headers;
-    assert_eq!(first["x-instance-born"], second["x-instance-born"], "the instance is reused");
+    assert_eq!(
+        first["x-instance-born"], second["x-instance-born"],
+        "the instance is reused"
+    );
     assert_eq!(second["x-instance-calls"], "2");
 
-    let trap = send(Request::get(gateway.url("/chaos/3")).header("x-chaos-trap", "1").body(Bytes::new()).unwrap()).await;
+    let trap = send(
+        Request::get(gateway.url("/chaos/3"))
+            .header("x-chaos-trap", "1")
+            .body(Bytes::new())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(trap.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(trap.json()["error"], "policy_failed");
     assert_eq!(trap.header("retry-after"), Some("1"));
-    assert_eq!(upstream.received().len(), 2, "nothing is forwarded after a trap");
+    assert_eq!(
+        upstream.received().len(),
+        2,
+        "nothing is forwarded after a trap"
+    );
 
     let after = get(&gateway.url("/chaos/4")).await;
     assert_eq!(after.status, StatusCode::OK);
     let fresh = upstream.last().headers;
-    assert_ne!(fresh["x-instance-born"], second["x-instance-born"], "the trapped instance is replaced");
+    assert_ne!(
+        fresh["x-instance-born"], second["x-instance-born"],
+        "the trapped instance is replaced"
+    );
     assert_eq!(fresh["x-instance-calls"], "1");
     assert_eq!(failures(&gateway.metrics().await, "trap"), 1);
 }
@@ -68,7 +88,8 @@ async fn a_pooled_instance_is_reused_and_replaced_after_a_trap() {
 #[tokio::test]
 async fn isolation_per_request_gives_every_request_a_fresh_instance() {
     let upstream = TestUpstream::start().await;
-    let gateway = TestGateway::start(&upstream, &chaos_config("count", "isolation = \"request\"")).await;
+    let gateway =
+        TestGateway::start(&upstream, &chaos_config("count", "isolation = \"request\"")).await;
 
     for _ in 0..3 {
         get(&gateway.url("/chaos")).await;
@@ -93,7 +114,10 @@ async fn a_looping_plugin_is_stopped_at_its_deadline_without_blocking_other_rout
         assert_eq!(get(&gateway.url("/plain")).await.status, StatusCode::OK);
         others.push(started.elapsed());
     }
-    assert!(!looping.is_finished(), "the other route was served while the plugin looped: {others:?}");
+    assert!(
+        !looping.is_finished(),
+        "the other route was served while the plugin looped: {others:?}"
+    );
 
     let started = Instant::now();
     let looped = looping.await.unwrap();
@@ -144,7 +168,8 @@ async fn a_crlf_header_value_is_a_plugin_failure_and_nothing_is_forwarded() {
 #[tokio::test]
 async fn on_error_allow_skips_a_failing_plugin() {
     let upstream = TestUpstream::start().await;
-    let gateway = TestGateway::start(&upstream, &chaos_config("crlf", "on_error = \"allow\"")).await;
+    let gateway =
+        TestGateway::start(&upstream, &chaos_config("crlf", "on_error = \"allow\"")).await;
 
     let reply = get(&gateway.url("/chaos")).await;
 
@@ -161,7 +186,10 @@ async fn a_non_utf8_header_value_reaches_a_policy_without_a_trap() {
     let gateway = TestGateway::start(&upstream, &chaos_config("inspect", "")).await;
 
     let request = Request::get(gateway.url("/chaos"))
-        .header("x-latin", http::HeaderValue::from_bytes(&[b'c', 0xC0, b'a']).unwrap())
+        .header(
+            "x-latin",
+            http::HeaderValue::from_bytes(&[b'c', 0xC0, b'a']).unwrap(),
+        )
         .body(Bytes::new())
         .unwrap();
     let reply = send(request).await;
@@ -185,6 +213,9 @@ async fn plugin_metrics_show_calls_fuel_and_instances() {
         r#"sluice_plugin_fuel_consumed_count{plugin="chaos"} 2"#,
         r#"sluice_plugin_instances{plugin="chaos",state="idle"} 1"#,
     ] {
-        assert!(metrics.contains(expected), "missing {expected} in\n{metrics}");
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in\n{metrics}"
+        );
     }
 }

@@ -86,7 +86,7 @@ fn print_banner() {
     println!(
         "
 Sluice quickstart is running ({CONFIG}).
-  gateway   http://{gateway}   routes /api (auth, transform, throttle) and /public (transform)
+  gateway   http://{gateway}   routes /api (API key, rate limit) and /public (open)
   admin     http://{admin}   /healthz and /metrics
   upstream  http://{upstream}   answers every request with a JSON echo of it
 

@@ -20,4 +20,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use sluice::policy::{host, types};
+pub use self::sluice::policy::{host, types};

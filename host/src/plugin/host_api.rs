@@ -37,8 +37,14 @@ pub(super) struct MemoryCap {
 impl StoreState {
     pub fn new(plugin: Arc<str>, buckets: Arc<Buckets>, memory_limit: usize) -> Self {
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput { plugin: plugin.clone(), stream: "stdout" })
-            .stderr(GuestOutput { plugin: plugin.clone(), stream: "stderr" })
+            .stdout(GuestOutput {
+                plugin: plugin.clone(),
+                stream: "stdout",
+            })
+            .stderr(GuestOutput {
+                plugin: plugin.clone(),
+                stream: "stderr",
+            })
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -48,14 +54,21 @@ impl StoreState {
             buckets,
             wasi,
             table: ResourceTable::new(),
-            memory: MemoryCap { limit: memory_limit, current: 0, exceeded: false },
+            memory: MemoryCap {
+                limit: memory_limit,
+                current: 0,
+                exceeded: false,
+            },
         }
     }
 }
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -68,13 +81,21 @@ impl ResourceLimiter for MemoryCap {
     ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.exceeded = true;
-            wasmtime::bail!("memory cap: growing to {desired} bytes is above the {} limit", self.limit);
+            wasmtime::bail!(
+                "memory cap: growing to {desired} bytes is above the {} limit",
+                self.limit
+            );
         }
         self.current = self.current.max(desired).max(current);
         Ok(true)
     }
 
-    fn table_growing(&mut self, _: usize, desired: usize, _: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _: usize,
+        desired: usize,
+        _: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -106,7 +127,11 @@ impl host::Host for StoreState {
         quota: host::Quota,
         cost: u32,
     ) -> host::RateLimitOutcome {
-        let quota = Quota { limit: quota.limit, period_ms: quota.period_ms, burst: quota.burst };
+        let quota = Quota {
+            limit: quota.limit,
+            period_ms: quota.period_ms,
+            burst: quota.burst,
+        };
         // Bucket names are per plugin, so two plugins never share or drain each other's buckets.
         let bucket = format!("{}/{bucket}", self.plugin);
         let outcome = self.buckets.check(&bucket, &key, quota, cost);
@@ -152,12 +177,20 @@ impl StdoutStream for GuestOutput {
 }
 
 impl AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let kept = &buf[..buf.len().min(GUEST_OUTPUT_LINE_CAP)];
         let text = String::from_utf8_lossy(kept);
         let text = text.trim_end();
         if !text.is_empty() {
-            tracing::warn!(plugin = &*self.plugin, stream = self.stream, "guest output: {text}");
+            tracing::warn!(
+                plugin = &*self.plugin,
+                stream = self.stream,
+                "guest output: {text}"
+            );
         }
         Poll::Ready(Ok(buf.len()))
     }

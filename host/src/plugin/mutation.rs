@@ -48,7 +48,11 @@ pub fn apply_header_changes(
     headers: &mut HeaderMap,
     changes: HeaderChanges,
 ) -> Result<(), InvalidMutation> {
-    let remove = changes.remove.iter().map(|name| checked_name(name)).collect::<Result<Vec<_>, _>>()?;
+    let remove = changes
+        .remove
+        .iter()
+        .map(|name| checked_name(name))
+        .collect::<Result<Vec<_>, _>>()?;
     let set = checked_headers(changes.set)?;
     let add = checked_headers(changes.add)?;
 
@@ -81,7 +85,11 @@ pub fn direct_response(reply: DirectResponse) -> Result<Response<Body>, InvalidM
         .ok_or(InvalidMutation::Status(reply.status))?;
     let headers = checked_headers(reply.headers)?;
 
-    let mut response = Response::new(Full::new(Bytes::from(reply.body)).map_err(|e| match e {}).boxed());
+    let mut response = Response::new(
+        Full::new(Bytes::from(reply.body))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
     *response.status_mut() = status;
     for (name, value) in headers {
         response.headers_mut().append(name, value);
@@ -89,7 +97,9 @@ pub fn direct_response(reply: DirectResponse) -> Result<Response<Body>, InvalidM
     Ok(response)
 }
 
-fn checked_headers(headers: Vec<Header>) -> Result<Vec<(HeaderName, HeaderValue)>, InvalidMutation> {
+fn checked_headers(
+    headers: Vec<Header>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, InvalidMutation> {
     headers
         .into_iter()
         .map(|header| {
@@ -115,11 +125,18 @@ mod tests {
     use super::*;
 
     fn header(name: &str, value: &[u8]) -> Header {
-        Header { name: name.to_string(), value: value.to_vec() }
+        Header {
+            name: name.to_string(),
+            value: value.to_vec(),
+        }
     }
 
     fn changes(set: Vec<Header>) -> HeaderChanges {
-        HeaderChanges { remove: vec![], set, add: vec![] }
+        HeaderChanges {
+            remove: vec![],
+            set,
+            add: vec![],
+        }
     }
 
     #[test]
@@ -140,7 +157,10 @@ mod tests {
     #[test]
     fn crlf_nul_and_bad_names_are_refused_and_nothing_is_applied() {
         for bad in [
-            changes(vec![header("x-ok", b"1"), header("x-evil", b"a\r\nx-injected: yes")]),
+            changes(vec![
+                header("x-ok", b"1"),
+                header("x-evil", b"a\r\nx-injected: yes"),
+            ]),
             changes(vec![header("x-nul", b"a\0b")]),
             changes(vec![header("bad name", b"1")]),
             changes(vec![header(":authority", b"example.com")]),
@@ -161,7 +181,14 @@ mod tests {
 
     #[test]
     fn informational_statuses_cannot_answer_a_request() {
-        let reply = DirectResponse { status: 101, headers: vec![], body: vec![] };
-        assert_eq!(direct_response(reply).unwrap_err(), InvalidMutation::Status(101));
+        let reply = DirectResponse {
+            status: 101,
+            headers: vec![],
+            body: vec![],
+        };
+        assert_eq!(
+            direct_response(reply).unwrap_err(),
+            InvalidMutation::Status(101)
+        );
     }
 }

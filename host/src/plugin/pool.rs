@@ -55,11 +55,20 @@ impl<T> Pool<T> {
     /// timed out.
     pub async fn acquire(&self) -> Option<Lease<'_, T>> {
         if let Ok(slot) = self.slots.try_acquire() {
-            return Some(Lease { pool: self, _slot: slot });
+            return Some(Lease {
+                pool: self,
+                _slot: slot,
+            });
         }
         let _waiting = Waiting::enter(&self.waiting, self.max_waiting)?;
-        let slot = tokio::time::timeout(self.wait_timeout, self.slots.acquire()).await.ok()?.ok()?;
-        Some(Lease { pool: self, _slot: slot })
+        let slot = tokio::time::timeout(self.wait_timeout, self.slots.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        Some(Lease {
+            pool: self,
+            _slot: slot,
+        })
     }
 
     /// Publishes the pool's occupancy.
@@ -68,12 +77,16 @@ impl<T> Pool<T> {
         let live = i64::from(self.capacity) - self.slots.available_permits() as i64;
         metrics.instances_idle.set(idle);
         metrics.instances_busy.set((live - idle).max(0));
-        metrics.waiting.set(i64::from(self.waiting.load(Ordering::Relaxed)));
+        metrics
+            .waiting
+            .set(i64::from(self.waiting.load(Ordering::Relaxed)));
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
         // NB: the lock guards a plain Vec and no code panics while holding it.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -94,7 +107,9 @@ impl<T> Lease<'_, T> {
 impl<'a> Waiting<'a> {
     fn enter(counter: &'a AtomicU32, max: u32) -> Option<Self> {
         let admitted = counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok();
         admitted.then_some(Waiting(counter))
     }
@@ -111,7 +126,8 @@ mod tests {
     use super::*;
 
     fn pool(max_instances: u32, max_waiting: u32) -> Pool<u32> {
-        let mut settings: config::Plugin = toml::from_str("name = \"p\"\npath = \"p.wasm\"").unwrap();
+        let mut settings: config::Plugin =
+            toml::from_str("name = \"p\"\npath = \"p.wasm\"").unwrap();
         settings.max_instances = max_instances;
         settings.max_waiting = max_waiting;
         settings.wait_timeout_ms = Duration::from_millis(50);

@@ -40,7 +40,11 @@ impl Runtime {
         let linker = build_linker(&engine)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), ticker_stop.clone());
-        Ok(Arc::new(Runtime { engine, linker, ticker_stop }))
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            ticker_stop,
+        }))
     }
 
     pub fn engine(&self) -> &Engine {

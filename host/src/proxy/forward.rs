@@ -25,11 +25,18 @@ pub struct Upstream {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {target} failed: {cause}")]
-    Connect { target: Authority, cause: String, timed_out: bool },
+    Connect {
+        target: Authority,
+        cause: String,
+        timed_out: bool,
+    },
     #[error("{target} gave no valid response: {cause}")]
     Response { target: Authority, cause: String },
     #[error("{target} did not answer within {timeout:?}")]
-    Timeout { target: Authority, timeout: Duration },
+    Timeout {
+        target: Authority,
+        timeout: Duration,
+    },
 }
 
 impl Upstream {
@@ -45,7 +52,11 @@ impl Upstream {
         Upstream {
             name: settings.name.clone(),
             // NB: the config check has already parsed every target as an authority.
-            targets: settings.targets.iter().filter_map(|t| t.parse().ok()).collect(),
+            targets: settings
+                .targets
+                .iter()
+                .filter_map(|t| t.parse().ok())
+                .collect(),
             next: AtomicUsize::new(0),
             client,
         }
@@ -58,7 +69,11 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let target = self.pick();
-        let path = request.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or(PathAndQuery::from_static("/"));
         *request.uri_mut() = upstream_uri(&target, path);
         // The pool speaks HTTP/1.1 to upstreams whatever the client spoke to the gateway.
         *request.version_mut() = Version::HTTP_11;
@@ -70,7 +85,10 @@ impl Upstream {
                 cause: root_cause(&err),
                 target,
             }),
-            Ok(Err(err)) => Err(UpstreamError::Response { cause: root_cause(&err), target }),
+            Ok(Err(err)) => Err(UpstreamError::Response {
+                cause: root_cause(&err),
+                target,
+            }),
             Err(_) => Err(UpstreamError::Timeout { target, timeout }),
         }
     }
@@ -83,7 +101,10 @@ impl Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.name).field("targets", &self.targets).finish()
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("targets", &self.targets)
+            .finish()
     }
 }
 

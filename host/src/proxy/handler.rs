@@ -22,6 +22,10 @@ use crate::plugin::{
 };
 
 /// What the request phase of a route's policies decided.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made and moved once per request; boxing would only add an allocation"
+)]
 enum Outcome {
     Forward(Parts, RequestHead),
     Answer(Response<Body>),
@@ -44,7 +48,11 @@ pub async fn handle(
     };
 
     let response = proxy(route, request, client).await;
-    metrics.request(&route.name, response.status(), started.elapsed().as_secs_f64());
+    metrics.request(
+        &route.name,
+        response.status(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -64,7 +72,10 @@ async fn proxy(route: &Route, request: Request<Incoming>, client: SocketAddr) ->
     };
 
     let upstream = &route.upstream;
-    match upstream.send(Request::from_parts(parts, body), route.upstream_timeout).await {
+    match upstream
+        .send(Request::from_parts(parts, body), route.upstream_timeout)
+        .await
+    {
         Ok(response) => response_phase(route, &head, response).await,
         Err(err) => {
             tracing::warn!(route = &*route.name, upstream = %upstream.name, "upstream failed: {err}");
@@ -77,12 +88,15 @@ async fn proxy(route: &Route, request: Request<Incoming>, client: SocketAddr) ->
 async fn request_phase(route: &Route, mut parts: Parts, client: SocketAddr) -> Outcome {
     let mut head = request_head(&parts, &route.name, client);
     for plugin in &route.policies {
-        let decision = plugin.on_request(&head).await.and_then(|decision| match decision {
-            RequestDecision::Continue(changes) => {
-                apply_request_changes(&mut parts, changes).map(|()| None).map_err(PluginFailure::from)
-            }
-            RequestDecision::Respond(reply) => Ok(Some(direct_response(reply)?)),
-        });
+        let decision = plugin
+            .on_request(&head)
+            .await
+            .and_then(|decision| match decision {
+                RequestDecision::Continue(changes) => apply_request_changes(&mut parts, changes)
+                    .map(|()| None)
+                    .map_err(PluginFailure::from),
+                RequestDecision::Respond(reply) => Ok(Some(direct_response(reply)?)),
+            });
         match decision {
             Ok(None) => head = request_head(&parts, &route.name, client),
             Ok(Some(reply)) => return Outcome::Answer(reply),
@@ -97,27 +111,43 @@ async fn request_phase(route: &Route, mut parts: Parts, client: SocketAddr) -> O
 }
 
 /// Runs each policy's response phase, in reverse order, on the upstream's response.
-async fn response_phase(route: &Route, request: &RequestHead, response: Response<Incoming>) -> Response<Body> {
+async fn response_phase(
+    route: &Route,
+    request: &RequestHead,
+    response: Response<Incoming>,
+) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
 
     for plugin in route.policies.iter().rev() {
-        let head = ResponseHead { status: parts.status.as_u16(), headers: wit_headers(&parts.headers) };
+        let head = ResponseHead {
+            status: parts.status.as_u16(),
+            headers: wit_headers(&parts.headers),
+        };
         let changed = plugin
             .on_response(request, &head)
             .await
-            .and_then(|changes| apply_header_changes(&mut parts.headers, changes).map_err(PluginFailure::from));
-        if let Err(failure) = changed {
-            if let Some(response) = plugin_failed(plugin, failure) {
-                return response;
-            }
+            .and_then(|changes| {
+                apply_header_changes(&mut parts.headers, changes).map_err(PluginFailure::from)
+            });
+        if let Err(failure) = changed
+            && let Some(response) = plugin_failed(plugin, failure)
+        {
+            return response;
         }
     }
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-fn apply_request_changes(parts: &mut Parts, changes: crate::plugin::RequestChanges) -> Result<(), crate::plugin::InvalidMutation> {
-    let path = changes.path_and_query.as_deref().map(rewrite_path).transpose()?;
+fn apply_request_changes(
+    parts: &mut Parts,
+    changes: crate::plugin::RequestChanges,
+) -> Result<(), crate::plugin::InvalidMutation> {
+    let path = changes
+        .path_and_query
+        .as_deref()
+        .map(rewrite_path)
+        .transpose()?;
     apply_header_changes(&mut parts.headers, changes.headers)?;
     if let Some(path) = path {
         parts.uri = http::Uri::from(path);
@@ -133,8 +163,12 @@ fn plugin_failed(plugin: &Plugin, failure: PluginFailure) -> Option<Response<Bod
         OnError::Allow => None,
         OnError::Deny => {
             let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "policy_failed");
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response.headers_mut().insert("x-sluice-plugin", header_value(plugin.name()));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert("x-sluice-plugin", header_value(plugin.name()));
             Some(response)
         }
     }
@@ -142,7 +176,9 @@ fn plugin_failed(plugin: &Plugin, failure: PluginFailure) -> Option<Response<Bod
 
 fn upstream_error_response(err: &UpstreamError) -> Response<Body> {
     let (status, reason) = match err {
-        UpstreamError::Connect { timed_out: true, .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
+        UpstreamError::Connect {
+            timed_out: true, ..
+        } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
         UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
         UpstreamError::Response { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
         UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -155,21 +191,31 @@ pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": reason }).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
     match request.headers().get(header::HOST) {
         Some(host) => Some(host.clone()),
-        None => request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        None => request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     }
 }
 
 fn request_head(parts: &Parts, route: &str, client: SocketAddr) -> RequestHead {
     RequestHead {
         method: parts.method.as_str().to_string(),
-        path_and_query: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string(),
         headers: wit_headers(&parts.headers),
         client_addr: client.ip().to_string(),
         route: route.to_string(),
@@ -179,7 +225,10 @@ fn request_head(parts: &Parts, route: &str, client: SocketAddr) -> RequestHead {
 fn wit_headers(headers: &HeaderMap) -> Vec<Header> {
     headers
         .iter()
-        .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
+        .map(|(name, value)| Header {
+            name: name.as_str().to_string(),
+            value: value.as_bytes().to_vec(),
+        })
         .collect()
 }
 

@@ -62,7 +62,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-kept", HeaderValue::from_static("1"));

@@ -53,7 +53,9 @@ impl Router {
     pub fn new(mut routes: Vec<Route>) -> Router {
         // Most specific host first; within a host, longest prefix first.
         routes.sort_by(|a, b| {
-            a.host.cmp(&b.host).then_with(|| b.path_prefix.len().cmp(&a.path_prefix.len()))
+            a.host
+                .cmp(&b.host)
+                .then_with(|| b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
         Router { routes }
     }
@@ -94,7 +96,9 @@ impl HostPattern {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // An IPv6 literal: `[::1]:8080`.
-        return host.split_once(']').map_or(host, |(addr, _)| &host[..addr.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(addr, _)| &host[..addr.len() + 1]);
     }
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
@@ -117,7 +121,11 @@ mod tests {
 
     #[test]
     fn specific_hosts_sort_before_wildcards() {
-        let mut patterns = [HostPattern::Any, HostPattern::parse(Some("*.a")), HostPattern::parse(Some("b"))];
+        let mut patterns = [
+            HostPattern::Any,
+            HostPattern::parse(Some("*.a")),
+            HostPattern::parse(Some("b")),
+        ];
         patterns.sort();
         assert_eq!(patterns[0], HostPattern::Exact("b".into()));
         assert_eq!(patterns[2], HostPattern::Any);

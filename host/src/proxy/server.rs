@@ -46,8 +46,14 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still running after the grace period were cut");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "requests still running after the grace period were cut"
+        );
     }
 }
 

@@ -9,6 +9,8 @@ const RESERVED: &[&str] = &[
     "connection",
     "content-length",
     "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
     "proxy-connection",
     "te",
     "trailer",
@@ -31,12 +33,13 @@ pub fn name(name: &str, setting: &str) -> Result<String, String> {
     Ok(name)
 }
 
-/// The value as bytes, or an error if it holds CR, LF or NUL, which could end the header early
-/// or smuggle another one in.
+/// The value as bytes, or an error if it holds a control character other than tab. CR, LF
+/// and NUL could end the header early or smuggle another one in; the gateway refuses the
+/// other controls too, so they are caught here rather than on every request.
 pub fn value(name: &str, value: String, setting: &str) -> Result<Vec<u8>, String> {
-    if value.contains(['\r', '\n', '\0']) {
+    if value.chars().any(|c| c.is_ascii_control() && c != '\t') {
         return Err(format!(
-            "{setting}: the value of {name:?} contains CR, LF or NUL"
+            "{setting}: the value of {name:?} contains CR, LF, NUL or another control character"
         ));
     }
     Ok(value.into_bytes())

@@ -16,8 +16,9 @@
 //! ```
 //!
 //! The gateway applies header edits as: removals, then sets, then adds. Header names are
-//! lower-cased; a name that is not a token, a value with CR, LF or NUL, and a connection or
-//! framing header such as `transfer-encoding` are refused when the config loads.
+//! lower-cased; a name that is not a token, a value with a control character other than tab,
+//! a connection or framing header such as `transfer-encoding`, and a rewrite path with
+//! characters a URL path cannot hold are refused when the config loads.
 
 mod edits;
 mod header;

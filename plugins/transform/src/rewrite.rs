@@ -52,19 +52,23 @@ impl PrefixRewrite {
     }
 }
 
-/// The path without its trailing `/`, if it starts with `/` and has only visible ASCII and no
-/// `?` or `#` (a rewrite changes the path, never the query).
+/// The path without its trailing `/`, if it starts with `/` and holds only the characters
+/// RFC 3986 allows in a path (percent-escapes included), so the result is always a valid
+/// request target; `?` and `#` are not among them, as a rewrite never touches the query.
 fn plain_path(path: String, setting: &str) -> Result<String, String> {
     if !path.starts_with('/') {
         return Err(format!("{setting} {path:?} must start with '/'"));
     }
-    if !path
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
-    {
+    if !path.bytes().all(is_path_byte) {
         return Err(format!(
-            "{setting} {path:?} may only hold visible ASCII without '?' or '#'"
+            "{setting} {path:?} may only hold path characters: letters, digits, \
+             \"-._~!$&'()*+,;=:@%/\", and no '?' or '#'"
         ));
     }
     Ok(path.trim_end_matches('/').to_string())
+}
+
+/// `pchar` of RFC 3986 section 3.3, with `/` between segments.
+fn is_path_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%/".contains(&byte)
 }

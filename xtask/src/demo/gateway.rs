@@ -117,3 +117,43 @@ async fn is_healthy(admin: SocketAddr) -> bool {
         Ok(Ok(true))
     )
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn unused_port() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        listener.local_addr().expect("local address")
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_exits_while_starting_is_reported() {
+        let mut gateway = Gateway::spawn(Path::new("false"), Path::new("x"), Path::new("/"))
+            .expect("spawn `false`");
+        let err = gateway
+            .wait_healthy(unused_port(), Duration::from_secs(10))
+            .await
+            .expect_err("not healthy");
+        assert!(err.to_string().contains("exited while starting"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_process_with_sigterm() {
+        let child = Command::new("sleep").arg("30").kill_on_drop(true).spawn();
+        let mut gateway = Gateway {
+            child: child.expect("spawn `sleep`"),
+        };
+        let status = gateway.stop().await.expect("stopped");
+        assert!(!status.success(), "{status}");
+    }
+
+    #[tokio::test]
+    async fn the_echo_upstream_passes_the_health_probe() {
+        let addr = unused_port();
+        let upstream = crate::demo::upstream::start(addr).await.expect("upstream");
+        assert!(is_healthy(addr).await);
+        upstream.abort();
+        assert!(!is_healthy(unused_port()).await);
+    }
+}

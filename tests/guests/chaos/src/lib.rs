@@ -45,14 +45,21 @@ struct Chaos {
 impl Policy for Chaos {
     fn new(config: Config) -> Result<Self, String> {
         let settings: Settings = config.parse()?;
-        Ok(Chaos { mode: settings.mode, tag: settings.tag, born: sluice_sdk::monotonic_now(), calls: Cell::new(0) })
+        Ok(Chaos {
+            mode: settings.mode,
+            tag: settings.tag,
+            born: sluice_sdk::monotonic_now(),
+            calls: Cell::new(0),
+        })
     }
 
     fn on_request(&self, request: &Request) -> Decision {
         match self.mode {
             Mode::Loop => spin(),
             Mode::Alloc => hoard(),
-            Mode::Crlf => RequestChanges::new().set_header("x-evil", "a\r\nx-injected: yes").into(),
+            Mode::Crlf => RequestChanges::new()
+                .set_header("x-evil", "a\r\nx-injected: yes")
+                .into(),
             Mode::TrapOnHeader if request.header("x-chaos-trap").is_some() => {
                 panic!("asked to trap")
             }
@@ -95,7 +102,10 @@ fn hoard() -> ! {
 
 fn inspect(request: &Request) -> RequestChanges {
     let names: Vec<&str> = request.headers().map(|(name, _)| name).collect();
-    let text = names.iter().filter(|name| request.header_str(name).is_some()).count();
+    let text = names
+        .iter()
+        .filter(|name| request.header_str(name).is_some())
+        .count();
     RequestChanges::new()
         .set_header("x-headers-text", text.to_string())
         .set_header("x-headers-binary", (names.len() - text).to_string())
