@@ -119,6 +119,10 @@ pub trait Policy: Sized + 'static {
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
+        // Exports exist only in the WebAssembly build: component export names contain `:`,
+        // which native linkers refuse when a policy crate is also built as a native cdylib
+        // for its unit tests.
+        #[cfg(target_arch = "wasm32")]
         const _: () = {
             ::std::thread_local! {
                 static POLICY: ::std::cell::OnceCell<$policy> =

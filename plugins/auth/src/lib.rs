@@ -141,7 +141,4 @@ fn bearer_token(request: &Request) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-// NB: only for WebAssembly. The exports' names contain `:`, which a native linker rejects in
-// the version script of the `cdylib` that `cargo test` also builds.
-#[cfg(target_arch = "wasm32")]
 sluice_sdk::export_policy!(Auth);

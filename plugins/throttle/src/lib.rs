@@ -131,7 +131,4 @@ fn policy_name(name: String) -> Result<String, String> {
     Ok(name)
 }
 
-// NB: only for WebAssembly. The exports' names contain `:`, which a native linker rejects in
-// the version script of the `cdylib` that `cargo test` also builds.
-#[cfg(target_arch = "wasm32")]
 sluice_sdk::export_policy!(Throttle);

@@ -89,7 +89,4 @@ impl Policy for Transform {
     }
 }
 
-// NB: only for WebAssembly. The exports' names contain `:`, which a native linker rejects in
-// the version script of the `cdylib` that `cargo test` also builds.
-#[cfg(target_arch = "wasm32")]
 sluice_sdk::export_policy!(Transform);

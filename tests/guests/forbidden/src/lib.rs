@@ -11,4 +11,6 @@ impl Guest for Forbidden {
     }
 }
 
+// Component exports exist only in the WebAssembly build.
+#[cfg(target_arch = "wasm32")]
 export!(Forbidden);
