@@ -29,8 +29,8 @@ pub struct Gate {
 pub struct GateGauges {
     /// Slots taken, if the gate's owner wants them counted.
     pub in_use: Option<IntGauge>,
-    /// Waiters in line.
-    pub waiting: IntGauge,
+    /// Waiters in line, if the gate has a line worth counting.
+    pub waiting: Option<IntGauge>,
 }
 
 /// Why a gate refused entry.
@@ -127,8 +127,8 @@ impl<'a> InLine<'a> {
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .is_ok();
-        if joined && let Some(gauges) = &gate.gauges {
-            gauges.waiting.inc();
+        if joined && let Some(waiting) = gate.gauges.as_ref().and_then(|g| g.waiting.as_ref()) {
+            waiting.inc();
         }
         joined.then_some(InLine { gate })
     }
@@ -137,8 +137,8 @@ impl<'a> InLine<'a> {
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
         self.gate.waiting.fetch_sub(1, Ordering::AcqRel);
-        if let Some(gauges) = &self.gate.gauges {
-            gauges.waiting.dec();
+        if let Some(waiting) = self.gate.gauges.as_ref().and_then(|g| g.waiting.as_ref()) {
+            waiting.dec();
         }
     }
 }
@@ -192,7 +192,7 @@ mod tests {
     async fn gauges_follow_occupancy() {
         let gauges = GateGauges {
             in_use: Some(IntGauge::new("in_use", "h").unwrap()),
-            waiting: IntGauge::new("waiting", "h").unwrap(),
+            waiting: Some(IntGauge::new("waiting", "h").unwrap()),
         };
         let gate = Gate::new(2, 2, Duration::from_secs(1)).with_gauges(gauges.clone());
         let a = gate.enter().await.unwrap();

@@ -34,9 +34,14 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Listener {
     pub address: SocketAddr,
-    /// How long a client has to send a complete request header section, from accept.
+    /// How long a client has, from accept, to send a complete request header section.
     #[serde(with = "millis")]
     pub header_read_timeout_ms: Duration,
+    /// Client connections open at once; when reached, the gateway stops accepting until one
+    /// closes (connections wait in the kernel's backlog, they are not refused).
+    pub max_connections: u32,
+    /// Largest request body accepted; a larger one is answered with 413.
+    pub max_body_bytes: u64,
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[serde(with = "millis")]
     pub shutdown_grace_ms: Duration,
@@ -74,6 +79,10 @@ pub struct Upstream {
     /// keep-alive timeout so the gateway never reuses a connection the upstream is closing.
     #[serde(default = "defaults::idle_timeout", with = "millis")]
     pub idle_timeout_ms: Duration,
+    /// Requests in flight to this upstream at once, from all routes (a bulkhead): a slow
+    /// upstream fills only its own slots. Beyond it requests are answered 503 at once.
+    #[serde(default = "defaults::upstream_max_in_flight")]
+    pub max_in_flight: u32,
 }
 
 /// A policy: a WebAssembly component and how to run it.
@@ -131,9 +140,18 @@ pub struct Route {
     /// Plugin names, run in this order on requests and in reverse order on responses.
     #[serde(default)]
     pub policies: Vec<String>,
-    /// Time from forwarding the request to the upstream's response headers.
-    #[serde(default = "defaults::upstream_timeout", with = "millis")]
-    pub upstream_timeout_ms: Duration,
+    /// Time from admission to the response headers (policies and upstream); then 504.
+    #[serde(default = "defaults::request_timeout", with = "millis")]
+    pub request_timeout_ms: Duration,
+    /// Requests this route serves at once, until their response bodies end.
+    #[serde(default = "defaults::route_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Requests that may wait, in arrival order, for a slot; beyond it 503 `queue_full`.
+    #[serde(default = "defaults::max_queued")]
+    pub max_queued: u32,
+    /// How long a request may wait for a slot; then 503 `queue_timeout`.
+    #[serde(default = "defaults::queue_timeout", with = "millis")]
+    pub queue_timeout_ms: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -218,6 +236,9 @@ impl Config {
 
 impl Upstream {
     fn check(&self, problems: &mut Vec<String>) {
+        if self.max_in_flight == 0 {
+            problems.push(format!("upstream `{}`: max_in_flight must be at least 1", self.name));
+        }
         if self.targets.is_empty() {
             problems.push(format!("upstream `{}` has no targets", self.name));
         }
@@ -283,6 +304,9 @@ impl Route {
                 problems.push(format!("route `{name}`: unknown plugin `{policy}`"));
             }
         }
+        if self.max_in_flight == 0 {
+            problems.push(format!("route `{name}`: max_in_flight must be at least 1"));
+        }
         if !self.path_prefix.starts_with('/') {
             problems.push(format!("route `{name}`: path_prefix must start with `/`"));
         }
@@ -316,6 +340,8 @@ impl Default for Listener {
         Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             header_read_timeout_ms: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_body_bytes: 10 << 20,
             shutdown_grace_ms: Duration::from_secs(30),
         }
     }
@@ -378,8 +404,20 @@ mod defaults {
     pub fn path_prefix() -> String {
         "/".to_string()
     }
-    pub fn upstream_timeout() -> Duration {
+    pub fn request_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn route_max_in_flight() -> u32 {
+        512
+    }
+    pub fn max_queued() -> u32 {
+        256
+    }
+    pub fn queue_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn upstream_max_in_flight() -> u32 {
+        512
     }
 }
 

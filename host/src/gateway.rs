@@ -23,12 +23,13 @@ const BUCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Snapshot {
     pub router: Router,
+    /// Largest request body accepted.
+    pub max_body_bytes: u64,
 }
 
 /// The gateway: its current snapshot, plugin runtime, shared rate-limit state and metrics.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
-    header_read_timeout: Duration,
     metrics: Metrics,
     _runtime: Arc<Runtime>,
 }
@@ -43,7 +44,6 @@ impl Gateway {
         spawn_bucket_sweeper(Arc::downgrade(&buckets));
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
-            header_read_timeout: config.listener.header_read_timeout_ms,
             metrics,
             _runtime: runtime,
         }))
@@ -56,10 +56,6 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
-    }
-
-    pub fn header_read_timeout(&self) -> Duration {
-        self.header_read_timeout
     }
 }
 
@@ -99,7 +95,7 @@ async fn build_snapshot(
     let upstreams: HashMap<&str, Arc<Upstream>> = config
         .upstreams
         .iter()
-        .map(|u| (u.name.as_str(), Arc::new(Upstream::new(u))))
+        .map(|u| (u.name.as_str(), Arc::new(Upstream::new(u, metrics))))
         .collect();
     let routes = config.routes.iter().map(|route| {
         // NB: `Config::parse` has checked that every name a route uses exists.
@@ -109,10 +105,11 @@ async fn build_snapshot(
             .iter()
             .map(|name| plugins[name.as_str()].clone())
             .collect();
-        Route::new(route, upstream, policies)
+        Route::new(route, upstream, policies, metrics)
     });
     Ok(Snapshot {
         router: Router::new(routes.collect()),
+        max_body_bytes: config.listener.max_body_bytes,
     })
 }
 

@@ -7,6 +7,7 @@
 //! reads the TOML file everything is built from.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod gateway;
 pub mod metrics;
@@ -66,8 +67,13 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!(listener = %self.local_addr(), admin = %self.admin_addr(), "sluice is serving");
         let admin = tokio::spawn(admin::serve(self.admin, self.gateway.clone()));
-        let grace = self.config.listener.shutdown_grace_ms;
-        proxy::serve(self.listener, self.gateway, shutdown, grace).await;
+        let listener = &self.config.listener;
+        let limits = proxy::ConnectionLimits {
+            max_connections: listener.max_connections,
+            header_read_timeout: listener.header_read_timeout_ms,
+        };
+        let grace = listener.shutdown_grace_ms;
+        proxy::serve(self.listener, self.gateway, limits, shutdown, grace).await;
         admin.abort();
     }
 }

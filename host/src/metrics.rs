@@ -5,6 +5,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::admission::GateGauges;
 use crate::plugin::{Phase, PluginFailure};
 
 /// Buckets for request and plugin durations: 50 µs to 10 s.
@@ -22,12 +23,28 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     request_duration: HistogramVec,
+    rejected: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_capacity: IntGaugeVec,
+    queue_wait: HistogramVec,
+    in_flight: IntGaugeVec,
+    upstream_in_flight: IntGaugeVec,
+    pub connections_active: IntGauge,
+    pub connections_rejected: IntCounterVec,
     plugin_duration: HistogramVec,
     plugin_fuel: HistogramVec,
     plugin_failures: IntCounterVec,
     plugin_instances: IntGaugeVec,
     plugin_wait: HistogramVec,
     plugin_waiting: IntGaugeVec,
+    plugin_recycled: IntCounterVec,
+}
+
+/// One route's metrics, with labels resolved once when the route is built.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    pub admission: GateGauges,
+    pub queue_wait: Histogram,
 }
 
 /// One plugin's metrics, with labels resolved once at load time.
@@ -35,6 +52,7 @@ pub struct Metrics {
 pub struct PluginMetrics {
     plugin: String,
     failures: IntCounterVec,
+    recycled: IntCounterVec,
     request_duration: Histogram,
     response_duration: Histogram,
     pub fuel: Histogram,
@@ -61,6 +79,14 @@ impl Metrics {
                 &["route"],
                 DURATION_BUCKETS,
             ),
+            rejected: counter(&registry, "sluice_requests_rejected_total", "Requests the gateway refused or cut short, by route and reason.", &["route", "reason"]),
+            queue_depth: gauge(&registry, "sluice_queue_depth", "Requests waiting for a slot on a route.", &["route"]),
+            queue_capacity: gauge(&registry, "sluice_queue_capacity", "Requests that may wait for a slot on a route.", &["route"]),
+            queue_wait: histogram(&registry, "sluice_queue_wait_seconds", "Time a request waited for a slot on a route.", &["route"], DURATION_BUCKETS),
+            in_flight: gauge(&registry, "sluice_in_flight", "Requests a route is serving.", &["route"]),
+            upstream_in_flight: gauge(&registry, "sluice_upstream_in_flight", "Requests in flight to an upstream.", &["upstream"]),
+            connections_active: plain_gauge(&registry, "sluice_connections_active", "Open client connections."),
+            connections_rejected: counter(&registry, "sluice_connections_rejected_total", "Client connections closed by the gateway before a request was read, by reason.", &["reason"]),
             plugin_duration: histogram(
                 &registry,
                 "sluice_plugin_duration_seconds",
@@ -100,6 +126,12 @@ impl Metrics {
                 "Calls waiting for a free plugin instance, by plugin.",
                 &["plugin"],
             ),
+            plugin_recycled: counter(
+                &registry,
+                "sluice_plugin_instances_recycled_total",
+                "Plugin instances thrown away instead of reused, by plugin and reason.",
+                &["plugin", "reason"],
+            ),
             registry,
         }
     }
@@ -114,11 +146,37 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Counts a request refused or cut short by the gateway.
+    pub fn rejected(&self, route: &str, reason: &str) {
+        self.rejected.with_label_values(&[route, reason]).inc();
+    }
+
+    /// The metrics of one route, with its admission queue's capacity published.
+    pub fn route(&self, name: &str, queue_capacity: u32) -> RouteMetrics {
+        self.queue_capacity.with_label_values(&[name]).set(i64::from(queue_capacity));
+        RouteMetrics {
+            admission: GateGauges {
+                in_use: Some(self.in_flight.with_label_values(&[name])),
+                waiting: Some(self.queue_depth.with_label_values(&[name])),
+            },
+            queue_wait: self.queue_wait.with_label_values(&[name]),
+        }
+    }
+
+    /// The gauges of one upstream's bulkhead, which has no wait line.
+    pub fn upstream(&self, name: &str) -> GateGauges {
+        GateGauges {
+            in_use: Some(self.upstream_in_flight.with_label_values(&[name])),
+            waiting: None,
+        }
+    }
+
     /// The metrics of one plugin.
     pub fn plugin(&self, name: &str) -> PluginMetrics {
         PluginMetrics {
             plugin: name.to_string(),
             failures: self.plugin_failures.clone(),
+            recycled: self.plugin_recycled.clone(),
             request_duration: self.plugin_duration.with_label_values(&[name, "request"]),
             response_duration: self.plugin_duration.with_label_values(&[name, "response"]),
             fuel: self.plugin_fuel.with_label_values(&[name]),
@@ -152,6 +210,12 @@ impl PluginMetrics {
         }
     }
 
+    /// Counts an instance thrown away: after a failure, `max_uses`, memory growth, or because
+    /// every request gets a fresh one.
+    pub fn recycled(&self, reason: &str) {
+        self.recycled.with_label_values(&[self.plugin.as_str(), reason]).inc();
+    }
+
     pub fn failure(&self, failure: &PluginFailure) {
         self.failures
             .with_label_values(&[self.plugin.as_str(), failure.reason()])
@@ -164,6 +228,12 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     registry
         .register(Box::new(metric.clone()))
         .expect("metric names are unique");
+    metric
+}
+
+fn plain_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(metric.clone())).expect("metric names are unique");
     metric
 }
 

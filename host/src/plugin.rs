@@ -99,6 +99,7 @@ impl Plugin {
             .await
             .map_err(|err| format!("compiling stopped: {err}"))?
             .map_err(|err| format!("{err:#}"))?;
+        let plugin_metrics = metrics.plugin(&settings.name);
         let plugin = Arc::new(Plugin {
             name: Arc::from(settings.name.as_str()),
             settings: settings.clone(),
@@ -106,8 +107,8 @@ impl Plugin {
             pre,
             engine: runtime.engine().clone(),
             buckets,
-            pool: Pool::new(settings),
-            metrics: metrics.plugin(&settings.name),
+            pool: Pool::new(settings, &plugin_metrics),
+            metrics: plugin_metrics,
         });
         let first = plugin
             .instantiate()
@@ -165,7 +166,7 @@ impl Plugin {
         let waited = Instant::now();
         let lease = self.pool.acquire().await;
         self.metrics.wait.observe(waited.elapsed().as_secs_f64());
-        let Some(mut lease) = lease else {
+        let Ok(mut lease) = lease else {
             return Err(PluginFailure::Busy);
         };
         let mut instance = match lease.take_idle() {
@@ -186,6 +187,7 @@ impl Plugin {
             }
             Err(err) => {
                 drop(lease);
+                self.metrics.recycled("failure");
                 self.pool.report(&self.metrics);
                 Err(classify(&err, &instance.store))
             }
@@ -238,10 +240,22 @@ impl Plugin {
 
     fn give_back(&self, lease: Lease<'_, Instance>, instance: Instance) {
         let settings = &self.settings;
-        let reusable = settings.isolation == Isolation::Pooled
-            && instance.uses < settings.max_uses
-            && (instance.store.data().memory.current as u64) <= settings.recycle_memory_bytes;
-        lease.release(reusable.then_some(instance));
+        let retire = if settings.isolation == Isolation::Request {
+            Some("isolation")
+        } else if instance.uses >= settings.max_uses {
+            Some("max_uses")
+        } else if instance.store.data().memory.current as u64 > settings.recycle_memory_bytes {
+            Some("memory")
+        } else {
+            None
+        };
+        match retire {
+            Some(reason) => {
+                lease.release(None);
+                self.metrics.recycled(reason);
+            }
+            None => lease.release(Some(instance)),
+        }
         self.pool.report(&self.metrics);
     }
 

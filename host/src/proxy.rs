@@ -1,6 +1,7 @@
 //! The proxy: accept connections, match a route, run its policies, forward upstream and
 //! stream the response back.
 
+mod body;
 mod forward;
 mod handler;
 mod headers;
@@ -13,7 +14,7 @@ use http_body_util::combinators::BoxBody;
 pub use forward::Upstream;
 pub use handler::handle;
 pub use router::{Route, Router};
-pub use server::serve;
+pub use server::{ConnectionLimits, serve};
 
 /// Errors from a streamed body, whichever side it came from.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

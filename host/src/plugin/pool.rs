@@ -24,7 +24,7 @@ pub struct Lease<'a, T> {
 impl<T> Pool<T> {
     pub fn new(settings: &config::Plugin, metrics: &PluginMetrics) -> Self {
         let gate = Gate::new(settings.max_instances, settings.max_waiting, settings.wait_timeout_ms);
-        let gauges = GateGauges { in_use: None, waiting: metrics.waiting.clone() };
+        let gauges = GateGauges { in_use: None, waiting: Some(metrics.waiting.clone()) };
         Pool { idle: Mutex::new(Vec::new()), gate: gate.with_gauges(gauges) }
     }
 

@@ -1,18 +1,21 @@
 //! The life of one request: route, request policies, upstream, response policies.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use super::body::Guarded;
 use super::forward::UpstreamError;
 use super::headers::{set_forwarded, strip_hop_by_hop};
 use super::{Body, Route};
+use crate::admission::{Refused, Slot};
 use crate::config::OnError;
 use crate::gateway::Snapshot;
 use crate::metrics::Metrics;
@@ -31,9 +34,23 @@ enum Outcome {
     Answer(Response<Body>),
 }
 
+/// Why the gateway answered a request itself rather than with an upstream response.
+#[derive(Debug)]
+enum Rejection {
+    QueueFull,
+    QueueTimeout,
+    RequestTimeout,
+    BodyTooLarge,
+    Upstream(UpstreamError),
+}
+
 /// Serves one request with the configuration snapshot it arrived under.
+///
+/// The snapshot, the route's admission slot and the upstream's bulkhead slot stay with the
+/// response body until its last byte is sent, so in-flight counts cover streaming responses
+/// and a request finishes on the configuration it started with.
 pub async fn handle(
-    snapshot: &Snapshot,
+    snapshot: Arc<Snapshot>,
     metrics: &Metrics,
     request: Request<Incoming>,
     client: SocketAddr,
@@ -47,16 +64,39 @@ pub async fn handle(
         return response;
     };
 
-    let response = proxy(route, request, client).await;
-    metrics.request(
-        &route.name,
-        response.status(),
-        started.elapsed().as_secs_f64(),
-    );
+    let admitted = route.admission.enter().await;
+    route.metrics.queue_wait.observe(started.elapsed().as_secs_f64());
+    let response = match admitted {
+        Err(Refused::QueueFull) => Rejection::QueueFull.respond(route, metrics),
+        Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics),
+        Ok(route_slot) => {
+            let proxied = proxy(route, metrics, request, client, snapshot.max_body_bytes);
+            match tokio::time::timeout(route.request_timeout, proxied).await {
+                Ok(Ok((response, upstream_slot))) => {
+                    let held = (route_slot, upstream_slot, snapshot.clone());
+                    response.map(|body| Guarded::new(body, held).boxed())
+                }
+                Ok(Err(rejection)) => rejection.respond(route, metrics),
+                Err(_) => Rejection::RequestTimeout.respond(route, metrics),
+            }
+        }
+    };
+    metrics.request(&route.name, response.status(), started.elapsed().as_secs_f64());
     response
 }
 
-async fn proxy(route: &Route, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+/// Runs the route's policies and forwards the request; the upstream's bulkhead slot comes
+/// back with the response when it came from the upstream.
+async fn proxy(
+    route: &Route,
+    metrics: &Metrics,
+    request: Request<Incoming>,
+    client: SocketAddr,
+    max_body_bytes: u64,
+) -> Result<(Response<Body>, Option<Slot>), Rejection> {
+    if declared_length(request.headers()).is_some_and(|length| length > max_body_bytes) {
+        return Err(Rejection::BodyTooLarge);
+    }
     let host = request_host(&request);
     let (mut parts, body) = request.into_parts();
     if let Some(host) = &host {
@@ -68,20 +108,21 @@ async fn proxy(route: &Route, request: Request<Incoming>, client: SocketAddr) ->
 
     let (parts, head) = match request_phase(route, parts, client).await {
         Outcome::Forward(parts, head) => (parts, head),
-        Outcome::Answer(response) => return response,
+        Outcome::Answer(response) => {
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                metrics.rejected(&route.name, "rate_limited");
+            }
+            return Ok((response, None));
+        }
     };
 
-    let upstream = &route.upstream;
-    match upstream
-        .send(Request::from_parts(parts, body), route.upstream_timeout)
-        .await
-    {
-        Ok(response) => response_phase(route, &head, response).await,
-        Err(err) => {
-            tracing::warn!(route = &*route.name, upstream = %upstream.name, "upstream failed: {err}");
-            upstream_error_response(&err)
-        }
-    }
+    let body = Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX));
+    let upstream = route.upstream.send(Request::from_parts(parts, body)).await;
+    let (response, slot) = upstream.map_err(|err| match err {
+        UpstreamError::BodyTooLarge => Rejection::BodyTooLarge,
+        err => Rejection::Upstream(err),
+    })?;
+    Ok((response_phase(route, &head, response).await, Some(slot)))
 }
 
 /// Runs each policy's request phase in order, applying its changes before the next one.
@@ -174,16 +215,46 @@ fn plugin_failed(plugin: &Plugin, failure: PluginFailure) -> Option<Response<Bod
     }
 }
 
-fn upstream_error_response(err: &UpstreamError) -> Response<Body> {
-    let (status, reason) = match err {
-        UpstreamError::Connect {
-            timed_out: true, ..
-        } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
-        UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
-        UpstreamError::Response { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
-        UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-    };
-    error_response(status, reason)
+impl Rejection {
+    fn respond(self, route: &Route, metrics: &Metrics) -> Response<Body> {
+        let (status, reason) = self.status_and_reason();
+        metrics.rejected(&route.name, reason);
+        match &self {
+            Rejection::Upstream(err) => {
+                tracing::warn!(route = &*route.name, upstream = %route.upstream.name, reason, "upstream failed: {err}");
+            }
+            _ => tracing::debug!(route = &*route.name, reason, "request rejected"),
+        }
+        let mut response = error_response(status, reason);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 the gateway makes is about load that passes: ask clients to come back.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+
+    fn status_and_reason(&self) -> (StatusCode, &'static str) {
+        match self {
+            Rejection::QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            Rejection::QueueTimeout => (StatusCode::SERVICE_UNAVAILABLE, "queue_timeout"),
+            Rejection::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Rejection::Upstream(err) => match err {
+                UpstreamError::Saturated(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated"),
+                UpstreamError::Connect { timed_out: true, .. } => {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout")
+                }
+                UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+                UpstreamError::Response { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
+                UpstreamError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            },
+        }
+    }
+}
+
+/// The `Content-Length` a request declares, if it declares exactly one valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// A small JSON error that names the reason, so clients and operators can tell causes apart.

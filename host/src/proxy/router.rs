@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Upstream;
+use crate::admission::Gate;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::plugin::Plugin;
 
 /// A route, resolved against its upstream and plugins.
@@ -14,7 +16,10 @@ pub struct Route {
     path_prefix: String,
     pub upstream: Arc<Upstream>,
     pub policies: Vec<Arc<Plugin>>,
-    pub upstream_timeout: Duration,
+    pub request_timeout: Duration,
+    /// The route's in-flight slots and wait queue.
+    pub admission: Gate,
+    pub metrics: RouteMetrics,
 }
 
 /// The routes of one configuration, in match order.
@@ -37,14 +42,20 @@ impl Route {
         settings: &crate::config::Route,
         upstream: Arc<Upstream>,
         policies: Vec<Arc<Plugin>>,
+        metrics: &Metrics,
     ) -> Route {
+        let metrics = metrics.route(&settings.name, settings.max_queued);
+        let admission = Gate::new(settings.max_in_flight, settings.max_queued, settings.queue_timeout_ms)
+            .with_gauges(metrics.admission.clone());
         Route {
             name: Arc::from(settings.name.as_str()),
             host: HostPattern::parse(settings.host.as_deref()),
             path_prefix: settings.path_prefix.clone(),
             upstream,
             policies,
-            upstream_timeout: settings.upstream_timeout_ms,
+            request_timeout: settings.request_timeout_ms,
+            admission,
+            metrics,
         }
     }
 }

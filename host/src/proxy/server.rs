@@ -1,39 +1,53 @@
 //! The public listener: accepts connections and serves HTTP/1.1 and HTTP/2 (h2c) on them.
+//!
+//! Two limits protect the listener itself. At most `max_connections` client connections are
+//! open: past it the gateway stops accepting until one closes, so new clients wait in the
+//! kernel's backlog instead of being refused or served by a process out of descriptors. And a
+//! client has `header_read_timeout_ms` from accept to send its request headers: a connection
+//! that sends nothing, or trickles bytes, is closed.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::gateway::Gateway;
+
+/// Limits that apply to every client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: u32,
+    pub header_read_timeout: Duration,
+}
 
 /// Serves connections from `listener` until `shutdown` resolves, then waits up to `grace` for
 /// in-flight requests to finish.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(gateway.header_read_timeout());
+    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, client)) => serve_connection(&builder, &graceful, stream, client, gateway.clone()),
+            accepted = accept(&listener, &connections) => match accepted {
+                Ok((stream, client, permit)) => {
+                    let connection = Connection { stream, client, limits, gateway: gateway.clone(), _permit: permit };
+                    connection.spawn(&graceful);
+                }
                 Err(err) => {
                     // Running out of file descriptors is transient: back off instead of spinning.
                     tracing::warn!("accept failed: {err}");
@@ -46,38 +60,78 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace_ms = grace.as_millis() as u64,
-            "requests still running after the grace period were cut"
-        );
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still running after the grace period were cut");
     }
 }
 
-fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    connections: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    // NB: the semaphore is never closed.
+    let permit = connections.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+    let (stream, client) = listener.accept().await?;
+    Ok((stream, client, permit))
+}
+
+/// An accepted client connection and the slot it holds.
+struct Connection {
     stream: TcpStream,
     client: SocketAddr,
+    limits: ConnectionLimits,
     gateway: Arc<Gateway>,
-) {
-    let _ = stream.set_nodelay(true);
-    let service = service_fn(move |request| {
-        let gateway = gateway.clone();
-        async move {
-            // Each request keeps the snapshot it arrived under until its response is built.
-            let snapshot = gateway.snapshot();
-            Ok::<_, Infallible>(super::handle(&snapshot, gateway.metrics(), request, client).await)
-        }
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    let connection = graceful.watch(connection.into_owned());
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    fn spawn(self, graceful: &GracefulShutdown) {
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let accepted = Instant::now();
+            let metrics = self.gateway.metrics().clone();
+            metrics.connections_active.inc();
+            // hyper's header timer starts only once it knows the protocol, which needs the
+            // first bytes: wait for them here, within the same deadline.
+            let first_bytes = tokio::time::timeout(self.limits.header_read_timeout, self.stream.peek(&mut [0; 1])).await;
+            match first_bytes {
+                Ok(Ok(n)) if n > 0 => {
+                    let remaining = self.limits.header_read_timeout.saturating_sub(accepted.elapsed());
+                    self.serve(remaining.max(Duration::from_millis(1)), watcher).await;
+                }
+                Ok(_) => {}
+                Err(_) => metrics.connections_rejected.with_label_values(&["header_timeout"]).inc(),
+            }
+            metrics.connections_active.dec();
+        });
+    }
+
+    async fn serve(self, header_read_timeout: Duration, watcher: hyper_util::server::graceful::Watcher) {
+        let _ = self.stream.set_nodelay(true);
+        let Connection { stream, client, gateway, _permit, .. } = self;
+        let metrics = gateway.metrics().clone();
+        let service = service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move {
+                // Each request keeps the snapshot it arrived under until its response ends.
+                let snapshot = gateway.snapshot();
+                Ok::<_, Infallible>(super::handle(snapshot, gateway.metrics(), request, client).await)
+            }
+        });
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        if let Err(err) = watcher.watch(connection.into_owned()).await {
+            if is_header_timeout(&*err) {
+                metrics.connections_rejected.with_label_values(&["header_timeout"]).inc();
+            }
             tracing::debug!(client.addr = %client, "connection ended with an error: {err}");
         }
-    });
+    }
+}
+
+fn is_header_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout)
 }

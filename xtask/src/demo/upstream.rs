@@ -20,12 +20,9 @@ use crate::Result;
 
 /// Starts serving on `addr`; abort the handle to stop accepting.
 pub async fn start(addr: SocketAddr) -> Result<JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await.map_err(|err| {
-        let port = addr.port();
-        format!(
-            "port {port} (the demo upstream) is not free: {err}; stop whatever listens on {addr}"
-        )
-    })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| super::busy(addr.port(), "the demo upstream", &err))?;
     println!("xtask: demo upstream listening on http://{addr}");
     Ok(tokio::spawn(accept_loop(listener)))
 }
