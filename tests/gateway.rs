@@ -40,7 +40,17 @@ impl TestGateway {
     /// upstream called `app` pointing at `upstream`. In `fragment`, `{plugin:NAME}` stands for
     /// the path of a compiled policy.
     pub async fn start(upstream: &TestUpstream, fragment: &str) -> TestGateway {
-        let config = Config::parse(&config_text(upstream, fragment)).expect("valid test config");
+        Self::start_with(upstream, "", fragment).await
+    }
+
+    /// Like [`TestGateway::start`], with extra `[listener]` settings.
+    pub async fn start_with(
+        upstream: &TestUpstream,
+        listener: &str,
+        fragment: &str,
+    ) -> TestGateway {
+        let text = config_text_with(upstream, listener, fragment);
+        let config = Config::parse(&text).expect("valid test config");
         Self::start_config(config).await.expect("gateway starts")
     }
 
@@ -93,6 +103,11 @@ impl Drop for TestGateway {
 
 /// The full config text for a test gateway.
 pub fn config_text(upstream: &TestUpstream, fragment: &str) -> String {
+    config_text_with(upstream, "", fragment)
+}
+
+/// The full config text for a test gateway, with extra `[listener]` settings.
+pub fn config_text_with(upstream: &TestUpstream, listener: &str, fragment: &str) -> String {
     let mut fragment = fragment.to_string();
     while let Some(start) = fragment.find("{plugin:") {
         let end = start + fragment[start..].find('}').expect("closing brace");
@@ -105,6 +120,7 @@ pub fn config_text(upstream: &TestUpstream, fragment: &str) -> String {
 [listener]
 address = "127.0.0.1:0"
 shutdown_grace_ms = 2000
+{listener}
 
 [admin]
 address = "127.0.0.1:0"

@@ -108,7 +108,10 @@ impl Gate {
         if let Some(gauge) = &in_use {
             gauge.inc();
         }
-        Slot { _permit: permit, in_use }
+        Slot {
+            _permit: permit,
+            in_use,
+        }
     }
 }
 
@@ -125,12 +128,16 @@ impl<'a> InLine<'a> {
         let max = gate.max_waiting;
         let joined = gate
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok();
         if joined && let Some(waiting) = gate.gauges.as_ref().and_then(|g| g.waiting.as_ref()) {
             waiting.inc();
         }
-        joined.then_some(InLine { gate })
+        // NB: `then`, not `then_some`: building an `InLine` that is then discarded would run
+        // its `Drop` and give back a place in line that was never taken.
+        joined.then(|| InLine { gate })
     }
 }
 
@@ -156,6 +163,23 @@ mod tests {
         let gate = gate(1, 0);
         let _held = gate.enter().await.unwrap();
         assert_eq!(gate.enter().await.unwrap_err(), Refused::QueueFull);
+    }
+
+    #[tokio::test]
+    async fn the_line_never_holds_more_than_its_limit() {
+        let gate = gate(1, 2);
+        let _held = gate.enter().await.unwrap();
+        let waiters: Vec<_> = (0..10)
+            .map(|_| {
+                let gate = gate.clone();
+                tokio::spawn(async move { gate.enter().await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        let refused = waiters.iter().filter(|w| w.is_finished()).count();
+        assert_eq!(refused, 8);
+        assert_eq!(gate.waiting.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

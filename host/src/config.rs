@@ -237,7 +237,10 @@ impl Config {
 impl Upstream {
     fn check(&self, problems: &mut Vec<String>) {
         if self.max_in_flight == 0 {
-            problems.push(format!("upstream `{}`: max_in_flight must be at least 1", self.name));
+            problems.push(format!(
+                "upstream `{}`: max_in_flight must be at least 1",
+                self.name
+            ));
         }
         if self.targets.is_empty() {
             problems.push(format!("upstream `{}` has no targets", self.name));

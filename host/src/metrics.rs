@@ -79,14 +79,54 @@ impl Metrics {
                 &["route"],
                 DURATION_BUCKETS,
             ),
-            rejected: counter(&registry, "sluice_requests_rejected_total", "Requests the gateway refused or cut short, by route and reason.", &["route", "reason"]),
-            queue_depth: gauge(&registry, "sluice_queue_depth", "Requests waiting for a slot on a route.", &["route"]),
-            queue_capacity: gauge(&registry, "sluice_queue_capacity", "Requests that may wait for a slot on a route.", &["route"]),
-            queue_wait: histogram(&registry, "sluice_queue_wait_seconds", "Time a request waited for a slot on a route.", &["route"], DURATION_BUCKETS),
-            in_flight: gauge(&registry, "sluice_in_flight", "Requests a route is serving.", &["route"]),
-            upstream_in_flight: gauge(&registry, "sluice_upstream_in_flight", "Requests in flight to an upstream.", &["upstream"]),
-            connections_active: plain_gauge(&registry, "sluice_connections_active", "Open client connections."),
-            connections_rejected: counter(&registry, "sluice_connections_rejected_total", "Client connections closed by the gateway before a request was read, by reason.", &["reason"]),
+            rejected: counter(
+                &registry,
+                "sluice_requests_rejected_total",
+                "Requests the gateway refused or cut short, by route and reason.",
+                &["route", "reason"],
+            ),
+            queue_depth: gauge(
+                &registry,
+                "sluice_queue_depth",
+                "Requests waiting for a slot on a route.",
+                &["route"],
+            ),
+            queue_capacity: gauge(
+                &registry,
+                "sluice_queue_capacity",
+                "Requests that may wait for a slot on a route.",
+                &["route"],
+            ),
+            queue_wait: histogram(
+                &registry,
+                "sluice_queue_wait_seconds",
+                "Time a request waited for a slot on a route.",
+                &["route"],
+                DURATION_BUCKETS,
+            ),
+            in_flight: gauge(
+                &registry,
+                "sluice_in_flight",
+                "Requests a route is serving.",
+                &["route"],
+            ),
+            upstream_in_flight: gauge(
+                &registry,
+                "sluice_upstream_in_flight",
+                "Requests in flight to an upstream.",
+                &["upstream"],
+            ),
+            connections_active: plain_gauge(
+                &registry,
+                "sluice_connections_active",
+                "Open client connections.",
+            ),
+            connections_rejected: counter(
+                &registry,
+                "sluice_connections_rejected_total",
+                "Client connections closed by the gateway before a request was read, by reason.",
+                &["reason"],
+            ),
             plugin_duration: histogram(
                 &registry,
                 "sluice_plugin_duration_seconds",
@@ -153,7 +193,9 @@ impl Metrics {
 
     /// The metrics of one route, with its admission queue's capacity published.
     pub fn route(&self, name: &str, queue_capacity: u32) -> RouteMetrics {
-        self.queue_capacity.with_label_values(&[name]).set(i64::from(queue_capacity));
+        self.queue_capacity
+            .with_label_values(&[name])
+            .set(i64::from(queue_capacity));
         RouteMetrics {
             admission: GateGauges {
                 in_use: Some(self.in_flight.with_label_values(&[name])),
@@ -213,7 +255,9 @@ impl PluginMetrics {
     /// Counts an instance thrown away: after a failure, `max_uses`, memory growth, or because
     /// every request gets a fresh one.
     pub fn recycled(&self, reason: &str) {
-        self.recycled.with_label_values(&[self.plugin.as_str(), reason]).inc();
+        self.recycled
+            .with_label_values(&[self.plugin.as_str(), reason])
+            .inc();
     }
 
     pub fn failure(&self, failure: &PluginFailure) {
@@ -233,7 +277,9 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 fn plain_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
     metric
 }
 

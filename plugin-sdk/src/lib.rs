@@ -152,9 +152,9 @@ macro_rules! export_policy {
                         $crate::__private::on_response::<$policy>(cell, request, response)
                     })
                 }
-    }
+            }
 
-            $crate::bindings::export!(SluiceExport with_types_in $crate::bindings);
+    $crate::bindings::export!(SluiceExport with_types_in $crate::bindings);
         };
     };
 }

@@ -3,6 +3,7 @@
 //! policies first.
 
 mod check;
+mod overload;
 mod policies;
 mod proxy;
 mod sandbox;

@@ -23,9 +23,19 @@ pub struct Lease<'a, T> {
 
 impl<T> Pool<T> {
     pub fn new(settings: &config::Plugin, metrics: &PluginMetrics) -> Self {
-        let gate = Gate::new(settings.max_instances, settings.max_waiting, settings.wait_timeout_ms);
-        let gauges = GateGauges { in_use: None, waiting: Some(metrics.waiting.clone()) };
-        Pool { idle: Mutex::new(Vec::new()), gate: gate.with_gauges(gauges) }
+        let gate = Gate::new(
+            settings.max_instances,
+            settings.max_waiting,
+            settings.wait_timeout_ms,
+        );
+        let gauges = GateGauges {
+            in_use: None,
+            waiting: Some(metrics.waiting.clone()),
+        };
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            gate: gate.with_gauges(gauges),
+        }
     }
 
     /// Keeps the instance made at load time, if instances are reused.
@@ -38,7 +48,10 @@ impl<T> Pool<T> {
     /// Takes a slot, waiting in line if needed.
     pub async fn acquire(&self) -> Result<Lease<'_, T>, Refused> {
         let slot = self.gate.enter().await?;
-        Ok(Lease { pool: self, _slot: slot })
+        Ok(Lease {
+            pool: self,
+            _slot: slot,
+        })
     }
 
     /// Publishes the pool's occupancy.
@@ -51,7 +64,9 @@ impl<T> Pool<T> {
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
         // NB: the lock guards a plain Vec and no code panics while holding it.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -75,7 +90,8 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn pool(max_instances: u32) -> Pool<u32> {
-        let mut settings: config::Plugin = toml::from_str("name = \"p\"\npath = \"p.wasm\"").unwrap();
+        let mut settings: config::Plugin =
+            toml::from_str("name = \"p\"\npath = \"p.wasm\"").unwrap();
         settings.max_instances = max_instances;
         settings.max_waiting = 0;
         Pool::new(&settings, &Metrics::new().plugin("p"))

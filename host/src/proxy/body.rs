@@ -15,7 +15,10 @@ pub struct Guarded<B, G> {
 
 impl<B, G> Guarded<B, G> {
     pub fn new(inner: B, guard: G) -> Self {
-        Guarded { inner, guard: Some(guard) }
+        Guarded {
+            inner,
+            guard: Some(guard),
+        }
     }
 }
 

@@ -33,7 +33,11 @@ pub enum UpstreamError {
     #[error("every one of the upstream's {0} request slots is taken")]
     Saturated(u32),
     #[error("connecting to {target} failed: {cause}")]
-    Connect { target: Authority, cause: String, timed_out: bool },
+    Connect {
+        target: Authority,
+        cause: String,
+        timed_out: bool,
+    },
     #[error("{target} gave no valid response: {cause}")]
     Response { target: Authority, cause: String },
     #[error("the request body is larger than the gateway accepts")]
@@ -55,7 +59,11 @@ impl Upstream {
         Upstream {
             name: settings.name.clone(),
             // NB: the config check has already parsed every target as an authority.
-            targets: settings.targets.iter().filter_map(|t| t.parse().ok()).collect(),
+            targets: settings
+                .targets
+                .iter()
+                .filter_map(|t| t.parse().ok())
+                .collect(),
             next: AtomicUsize::new(0),
             bulkhead,
             client,
@@ -70,9 +78,16 @@ impl Upstream {
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Slot), UpstreamError> {
-        let slot = self.bulkhead.try_enter().ok_or(UpstreamError::Saturated(self.bulkhead.capacity()))?;
+        let slot = self
+            .bulkhead
+            .try_enter()
+            .ok_or(UpstreamError::Saturated(self.bulkhead.capacity()))?;
         let target = self.pick();
-        let path = request.uri().path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or(PathAndQuery::from_static("/"));
         *request.uri_mut() = upstream_uri(&target, path);
         // The pool speaks HTTP/1.1 to upstreams whatever the client spoke to the gateway.
         *request.version_mut() = Version::HTTP_11;
@@ -85,7 +100,10 @@ impl Upstream {
                 cause: root_cause(&err),
                 target,
             }),
-            Err(err) => Err(UpstreamError::Response { cause: root_cause(&err), target }),
+            Err(err) => Err(UpstreamError::Response {
+                cause: root_cause(&err),
+                target,
+            }),
         }
     }
 
@@ -97,7 +115,10 @@ impl Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.name).field("targets", &self.targets).finish()
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("targets", &self.targets)
+            .finish()
     }
 }
 
@@ -117,7 +138,10 @@ fn causes<'a>(
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    causes(err).last().map(ToString::to_string).unwrap_or_default()
+    causes(err)
+        .last()
+        .map(ToString::to_string)
+        .unwrap_or_default()
 }
 
 fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {

@@ -65,7 +65,10 @@ pub async fn handle(
     };
 
     let admitted = route.admission.enter().await;
-    route.metrics.queue_wait.observe(started.elapsed().as_secs_f64());
+    route
+        .metrics
+        .queue_wait
+        .observe(started.elapsed().as_secs_f64());
     let response = match admitted {
         Err(Refused::QueueFull) => Rejection::QueueFull.respond(route, metrics),
         Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics),
@@ -81,7 +84,11 @@ pub async fn handle(
             }
         }
     };
-    metrics.request(&route.name, response.status(), started.elapsed().as_secs_f64());
+    metrics.request(
+        &route.name,
+        response.status(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -228,7 +235,9 @@ impl Rejection {
         let mut response = error_response(status, reason);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Every 503 the gateway makes is about load that passes: ask clients to come back.
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -240,12 +249,16 @@ impl Rejection {
             Rejection::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Rejection::Upstream(err) => match err {
-                UpstreamError::Saturated(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated"),
-                UpstreamError::Connect { timed_out: true, .. } => {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout")
+                UpstreamError::Saturated(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")
                 }
+                UpstreamError::Connect {
+                    timed_out: true, ..
+                } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
                 UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
-                UpstreamError::Response { .. } => (StatusCode::BAD_GATEWAY, "upstream_bad_response"),
+                UpstreamError::Response { .. } => {
+                    (StatusCode::BAD_GATEWAY, "upstream_bad_response")
+                }
                 UpstreamError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             },
         }
@@ -254,7 +267,12 @@ impl Rejection {
 
 /// The `Content-Length` a request declares, if it declares exactly one valid one.
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A small JSON error that names the reason, so clients and operators can tell causes apart.

@@ -45,8 +45,12 @@ impl Route {
         metrics: &Metrics,
     ) -> Route {
         let metrics = metrics.route(&settings.name, settings.max_queued);
-        let admission = Gate::new(settings.max_in_flight, settings.max_queued, settings.queue_timeout_ms)
-            .with_gauges(metrics.admission.clone());
+        let admission = Gate::new(
+            settings.max_in_flight,
+            settings.max_queued,
+            settings.queue_timeout_ms,
+        )
+        .with_gauges(metrics.admission.clone());
         Route {
             name: Arc::from(settings.name.as_str()),
             host: HostPattern::parse(settings.host.as_deref()),

@@ -60,8 +60,14 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still running after the grace period were cut");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "requests still running after the grace period were cut"
+        );
     }
 }
 
@@ -71,7 +77,11 @@ async fn accept(
     connections: &Arc<Semaphore>,
 ) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
     // NB: the semaphore is never closed.
-    let permit = connections.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+    let permit = connections
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
     let (stream, client) = listener.accept().await?;
     Ok((stream, client, permit))
 }
@@ -94,38 +104,67 @@ impl Connection {
             metrics.connections_active.inc();
             // hyper's header timer starts only once it knows the protocol, which needs the
             // first bytes: wait for them here, within the same deadline.
-            let first_bytes = tokio::time::timeout(self.limits.header_read_timeout, self.stream.peek(&mut [0; 1])).await;
+            let first_bytes = tokio::time::timeout(
+                self.limits.header_read_timeout,
+                self.stream.peek(&mut [0; 1]),
+            )
+            .await;
             match first_bytes {
                 Ok(Ok(n)) if n > 0 => {
-                    let remaining = self.limits.header_read_timeout.saturating_sub(accepted.elapsed());
-                    self.serve(remaining.max(Duration::from_millis(1)), watcher).await;
+                    let remaining = self
+                        .limits
+                        .header_read_timeout
+                        .saturating_sub(accepted.elapsed());
+                    self.serve(remaining.max(Duration::from_millis(1)), watcher)
+                        .await;
                 }
                 Ok(_) => {}
-                Err(_) => metrics.connections_rejected.with_label_values(&["header_timeout"]).inc(),
+                Err(_) => metrics
+                    .connections_rejected
+                    .with_label_values(&["header_timeout"])
+                    .inc(),
             }
             metrics.connections_active.dec();
         });
     }
 
-    async fn serve(self, header_read_timeout: Duration, watcher: hyper_util::server::graceful::Watcher) {
+    async fn serve(
+        self,
+        header_read_timeout: Duration,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
         let _ = self.stream.set_nodelay(true);
-        let Connection { stream, client, gateway, _permit, .. } = self;
+        let Connection {
+            stream,
+            client,
+            gateway,
+            _permit,
+            ..
+        } = self;
         let metrics = gateway.metrics().clone();
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
             async move {
                 // Each request keeps the snapshot it arrived under until its response ends.
                 let snapshot = gateway.snapshot();
-                Ok::<_, Infallible>(super::handle(snapshot, gateway.metrics(), request, client).await)
+                Ok::<_, Infallible>(
+                    super::handle(snapshot, gateway.metrics(), request, client).await,
+                )
             }
         });
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         if let Err(err) = watcher.watch(connection.into_owned()).await {
             if is_header_timeout(&*err) {
-                metrics.connections_rejected.with_label_values(&["header_timeout"]).inc();
+                metrics
+                    .connections_rejected
+                    .with_label_values(&["header_timeout"])
+                    .inc();
             }
             tracing::debug!(client.addr = %client, "connection ended with an error: {err}");
         }
@@ -133,5 +172,6 @@ impl Connection {
 }
 
 fn is_header_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout)
+    err.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_timeout)
 }
