@@ -9,15 +9,13 @@ use sluice_tests::{Reply, TestGateway, TestUpstream, get, send, send_raw};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-fn slow_get(url: String, delay_ms: u64) -> impl Future<Output = (Reply, Instant)> {
-    async move {
-        let request = Request::get(url)
-            .header("x-delay-ms", delay_ms.to_string())
-            .body(Bytes::new())
-            .unwrap();
-        let reply = send(request).await;
-        (reply, Instant::now())
-    }
+async fn slow_get(url: String, delay_ms: u64) -> (Reply, Instant) {
+    let request = Request::get(url)
+        .header("x-delay-ms", delay_ms.to_string())
+        .body(Bytes::new())
+        .unwrap();
+    let reply = send(request).await;
+    (reply, Instant::now())
 }
 
 fn metric(metrics: &str, series: &str) -> Option<f64> {
