@@ -156,6 +156,11 @@ macro_rules! export_policy {
 
     $crate::bindings::export!(SluiceExport with_types_in $crate::bindings);
         };
+
+        // In a native build nothing calls the policy outside its tests; this keeps it used.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn($crate::Config) -> ::std::result::Result<$policy, ::std::string::String> =
+            <$policy as $crate::Policy>::new;
     };
 }
 

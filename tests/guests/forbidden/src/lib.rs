@@ -3,7 +3,7 @@
 
 wit_bindgen::generate!({ world: "forbidden", path: "wit" });
 
-struct Forbidden;
+pub struct Forbidden;
 
 impl Guest for Forbidden {
     fn run() -> String {
