@@ -98,3 +98,13 @@ fn tempfile() -> (String, std::fs::File) {
     let file = std::fs::File::create(&path).unwrap();
     (path.display().to_string(), file)
 }
+
+#[tokio::test]
+async fn the_quickstart_config_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/sluice.toml");
+    let config = Config::load(&path).expect("the quickstart config parses");
+    gateway::check(&config)
+        .await
+        .expect("the quickstart config loads");
+}
