@@ -28,6 +28,9 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
+        /// Async worker threads; the default is one per CPU core.
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Check a configuration: parse it, compile every plugin and run its config check.
     Check {
