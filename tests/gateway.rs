@@ -54,20 +54,39 @@ impl TestGateway {
         Self::start_config(config).await.expect("gateway starts")
     }
 
+    /// Starts a gateway from a config file that it reloads when the file changes, on
+    /// `SIGHUP` and on `POST /reload`.
+    pub async fn start_file(path: &std::path::Path) -> TestGateway {
+        Self::run(Server::bind_file(path).await.expect("gateway starts"))
+    }
+
     /// Starts a gateway from a complete config.
     pub async fn start_config(config: Config) -> anyhow::Result<TestGateway> {
-        let server = Server::bind(config).await?;
+        Ok(Self::run(Server::bind(config).await?))
+    }
+
+    fn run(server: Server) -> TestGateway {
         let (addr, admin) = (server.local_addr(), server.admin_addr());
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        Ok(TestGateway {
+        TestGateway {
             addr,
             admin,
             stop: Some(stop),
             task: Some(task),
-        })
+        }
+    }
+
+    /// `POST /reload` on the admin listener: its status and JSON answer.
+    pub async fn reload(&self) -> (http::StatusCode, serde_json::Value) {
+        let url = format!("http://{}/reload", self.admin);
+        let request = http::Request::post(url)
+            .body(bytes::Bytes::new())
+            .expect("valid request");
+        let reply = crate::send(request).await;
+        (reply.status, reply.json())
     }
 
     /// A URL on the gateway's public listener.

@@ -25,7 +25,8 @@ pub struct Recorded {
 
 /// An upstream server on a free loopback port, recording every request it receives.
 ///
-/// A request with an `x-delay-ms` header is answered after that delay.
+/// A request with an `x-delay-ms` header is answered after that delay; an
+/// `x-chaos-request-tag` request header comes back as `x-echo-request-tag`.
 #[derive(Debug, Clone)]
 pub struct TestUpstream {
     pub addr: SocketAddr,
@@ -81,6 +82,7 @@ async fn echo(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let request_tag = parts.headers.get("x-chaos-request-tag").cloned();
     let delay = parts
         .headers
         .get("x-delay-ms")
@@ -111,5 +113,8 @@ async fn echo(
     response
         .headers_mut()
         .insert("x-upstream-header", "present".parse().expect("valid"));
+    if let Some(tag) = request_tag {
+        response.headers_mut().insert("x-echo-request-tag", tag);
+    }
     Ok(response)
 }

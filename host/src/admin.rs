@@ -1,4 +1,5 @@
-//! The admin listener: `GET /healthz` and `GET /metrics` (Prometheus text format).
+//! The admin listener: `GET /healthz`, `GET /metrics` (Prometheus text format) and
+//! `POST /reload`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,18 +14,23 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::gateway::Gateway;
+use crate::reload::ReloadHandle;
 
-/// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
+/// Serves admin requests until the task is dropped. Without a reload handle (the gateway
+/// was not started from a file), `POST /reload` answers 404.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, reload: Option<ReloadHandle>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let gateway = gateway.clone();
+        let (gateway, reload) = (gateway.clone(), reload.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&gateway, &request);
-                async move { Ok::<_, Infallible>(response) }
+                let (gateway, reload) = (gateway.clone(), reload.clone());
+                async move {
+                    let response = respond(&gateway, reload.as_ref(), &request).await;
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -33,8 +39,13 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
     }
 }
 
-fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    gateway: &Gateway,
+    reload: Option<&ReloadHandle>,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
+        (&Method::POST, "/reload") if reload.is_some() => reloaded(reload, gateway).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
@@ -47,6 +58,29 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
             "not found\n".to_string(),
         ),
     }
+}
+
+/// Reloads and answers with the outcome: the new generation, or every problem found.
+async fn reloaded(reload: Option<&ReloadHandle>, gateway: &Gateway) -> Response<Full<Bytes>> {
+    let Some(reload) = reload else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        );
+    };
+    let (status, body) = match reload.reload().await {
+        Ok(generation) => (
+            StatusCode::OK,
+            serde_json::json!({ "result": "success", "generation": generation }),
+        ),
+        Err(err) => {
+            let generation = gateway.snapshot().generation;
+            let body = serde_json::json!({ "result": "failure", "generation": generation, "errors": err.problems });
+            (StatusCode::UNPROCESSABLE_ENTITY, body)
+        }
+    };
+    text(status, "application/json", format!("{body}\n"))
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

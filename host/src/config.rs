@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -30,7 +30,7 @@ pub struct Config {
 }
 
 /// The public listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listener {
     pub address: SocketAddr,
@@ -48,14 +48,14 @@ pub struct Listener {
 }
 
 /// The admin listener: health and metrics.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub address: SocketAddr,
 }
 
 /// The plugin runtime shared by every plugin.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
     /// Slots in the instance pool for all plugins together. Each slot reserves
@@ -66,7 +66,7 @@ pub struct Runtime {
 }
 
 /// A named group of upstream servers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub name: String,
@@ -86,7 +86,7 @@ pub struct Upstream {
 }
 
 /// A policy: a WebAssembly component and how to run it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plugin {
     pub name: String,
@@ -126,7 +126,7 @@ pub struct Plugin {
 }
 
 /// A route: which requests it takes, where they go, and the policies they pass through.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
@@ -171,7 +171,7 @@ pub enum Isolation {
 }
 
 /// A configuration that could not be used, with every problem found.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{}", problems.join("\n"))]
 pub struct ConfigError {
     pub problems: Vec<String>,
@@ -381,7 +381,9 @@ mod defaults {
         5_000_000
     }
     pub fn deadline() -> Duration {
-        Duration::from_millis(50)
+        // Wall-clock time, so it includes time the call waits for a CPU on a busy machine;
+        // fuel is the limit on work done.
+        Duration::from_millis(200)
     }
     pub fn memory_limit() -> u64 {
         16 << 20

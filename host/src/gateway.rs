@@ -2,18 +2,22 @@
 //!
 //! A [`Snapshot`] is everything built from one configuration: routes resolved against their
 //! upstreams and loaded plugins. It is built whole, off the request path, and published in
-//! one atomic store; each request loads the snapshot once and keeps it until it is answered.
+//! one atomic store; each request loads the snapshot once and keeps it until its response has
+//! been sent. A reload builds the next snapshot beside the current one, keeping whatever did
+//! not change (plugins with their warm instances, upstreams with their connection pools,
+//! routes' admission queues), and publishes it only if every part of it loaded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use sluice_ratelimit::Buckets;
 
-use crate::config::{Config, ConfigError};
+use crate::admission::Gate;
+use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::plugin::{Plugin, Runtime};
+use crate::plugin::{Plugin, Runtime, digest};
 use crate::proxy::{Route, Router, Upstream};
 
 /// How often idle rate-limit keys are forgotten.
@@ -22,16 +26,30 @@ const BUCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Everything built from one configuration.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// 1 for the configuration the gateway started with, then one more per reload.
+    pub generation: u64,
     pub router: Router,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    config: Config,
+    plugins: HashMap<String, Arc<Plugin>>,
+    upstreams: HashMap<String, Arc<Upstream>>,
 }
 
 /// The gateway: its current snapshot, plugin runtime, shared rate-limit state and metrics.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     metrics: Metrics,
-    _runtime: Arc<Runtime>,
+    runtime: Arc<Runtime>,
+    buckets: Arc<Buckets>,
+    /// Reloads run one at a time, so each builds on the snapshot before it.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a snapshot can reuse from the one before it.
+struct Previous<'a> {
+    snapshot: &'a Snapshot,
+    admission: HashMap<&'a str, &'a Arc<Gate>>,
 }
 
 impl Gateway {
@@ -40,12 +58,15 @@ impl Gateway {
         let runtime =
             Runtime::new(&config.runtime).map_err(|err| ConfigError::one(format!("{err:#}")))?;
         let buckets = Arc::new(Buckets::new());
-        let snapshot = build_snapshot(config, &runtime, &buckets, &metrics).await?;
+        let snapshot = build_snapshot(config, None, 1, &runtime, &buckets, &metrics).await?;
+        metrics.config_loaded(1);
         spawn_bucket_sweeper(Arc::downgrade(&buckets));
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
-            _runtime: runtime,
+            runtime,
+            buckets,
+            reloading: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -56,6 +77,54 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Builds a snapshot from `config` and publishes it, returning its generation; on any
+    /// problem the current snapshot stays and every problem is reported.
+    pub async fn reload(&self, config: Config) -> Result<u64, ConfigError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.snapshot.load_full();
+        let next = match needs_restart(&current.config, &config) {
+            Some(problem) => Err(ConfigError::one(problem)),
+            None => {
+                let generation = current.generation + 1;
+                let previous = Previous::of(&current);
+                build_snapshot(
+                    &config,
+                    Some(previous),
+                    generation,
+                    &self.runtime,
+                    &self.buckets,
+                    &self.metrics,
+                )
+                .await
+            }
+        };
+        match next {
+            Ok(next) => {
+                let generation = next.generation;
+                // Components of this and the previous generation stay compiled, so switching
+                // back to the version just replaced (a rollback) does not compile again.
+                let live: HashSet<_> = next
+                    .plugins
+                    .values()
+                    .chain(current.plugins.values())
+                    .map(|p| *p.digest())
+                    .collect();
+                self.snapshot.store(Arc::new(next));
+                self.runtime.retain_compiled(&live);
+                self.metrics.config_loaded(generation);
+                tracing::info!(generation, "configuration reloaded");
+                Ok(generation)
+            }
+            Err(err) => {
+                self.metrics.config_refused();
+                for problem in &err.problems {
+                    tracing::warn!(generation = current.generation, "reload refused: {problem}");
+                }
+                Err(err)
+            }
+        }
     }
 }
 
@@ -71,46 +140,153 @@ pub async fn check(config: &Config) -> Result<(), ConfigError> {
     Gateway::new(config, Metrics::new()).await.map(drop)
 }
 
+/// Why `next` cannot be applied without a restart, if it cannot: the listeners are bound and
+/// the plugin engine's pool is sized once, at start.
+fn needs_restart(current: &Config, next: &Config) -> Option<String> {
+    let listener = |c: &Config| config::Listener {
+        max_body_bytes: 0,
+        ..c.listener.clone()
+    };
+    let changed = if listener(current) != listener(next) {
+        "[listener]"
+    } else if current.admin != next.admin {
+        "[admin]"
+    } else if current.runtime != next.runtime {
+        "[runtime]"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{changed} changed: restart the gateway to apply it (only `max_body_bytes` of \
+         [listener] can change on reload)"
+    ))
+}
+
+impl<'a> Previous<'a> {
+    fn of(snapshot: &'a Snapshot) -> Self {
+        let admission = snapshot
+            .router
+            .routes()
+            .map(|r| (&*r.name, &r.admission))
+            .collect();
+        Previous {
+            snapshot,
+            admission,
+        }
+    }
+
+    /// The admission gate of the route of the same name, if its limits did not change, so the
+    /// requests already in it keep counting.
+    fn admission(&self, route: &config::Route) -> Option<Arc<Gate>> {
+        let old = self
+            .snapshot
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == route.name)?;
+        let same = (old.max_in_flight, old.max_queued, old.queue_timeout_ms)
+            == (
+                route.max_in_flight,
+                route.max_queued,
+                route.queue_timeout_ms,
+            );
+        same.then(|| {
+            self.admission
+                .get(route.name.as_str())
+                .map(|g| (*g).clone())
+        })?
+    }
+}
+
 /// Loads every plugin and resolves every route; collects all problems rather than the first.
 async fn build_snapshot(
     config: &Config,
+    previous: Option<Previous<'_>>,
+    generation: u64,
     runtime: &Arc<Runtime>,
     buckets: &Arc<Buckets>,
     metrics: &Metrics,
 ) -> Result<Snapshot, ConfigError> {
+    let old = previous.as_ref().map(|p| p.snapshot);
+    let plugins = load_plugins(config, old, runtime, buckets, metrics).await?;
+    let upstreams: HashMap<String, Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .map(|settings| {
+            let kept = old.and_then(|old| old.upstream_if_unchanged(settings));
+            let upstream = kept.unwrap_or_else(|| Arc::new(Upstream::new(settings, metrics)));
+            (settings.name.clone(), upstream)
+        })
+        .collect();
+
+    let routes = config.routes.iter().map(|route| {
+        // NB: `Config::parse` has checked that every name a route uses exists.
+        let upstream = upstreams[&route.upstream].clone();
+        let policies = route
+            .policies
+            .iter()
+            .map(|name| plugins[name].clone())
+            .collect();
+        let admission = previous.as_ref().and_then(|p| p.admission(route));
+        Route::new(route, upstream, policies, admission, metrics)
+    });
+    Ok(Snapshot {
+        generation,
+        router: Router::new(routes.collect()),
+        max_body_bytes: config.listener.max_body_bytes,
+        config: config.clone(),
+        plugins,
+        upstreams,
+    })
+}
+
+async fn load_plugins(
+    config: &Config,
+    old: Option<&Snapshot>,
+    runtime: &Arc<Runtime>,
+    buckets: &Arc<Buckets>,
+    metrics: &Metrics,
+) -> Result<HashMap<String, Arc<Plugin>>, ConfigError> {
     let mut problems = Vec::new();
     let mut plugins = HashMap::new();
     for settings in &config.plugins {
-        match Plugin::load(runtime, settings, buckets.clone(), metrics).await {
+        let kept = old.and_then(|old| old.plugin_if_unchanged(settings));
+        let loaded = match kept {
+            Some(plugin) => Ok(plugin),
+            None => Plugin::load(runtime, settings, buckets.clone(), metrics).await,
+        };
+        match loaded {
             Ok(plugin) => {
-                plugins.insert(settings.name.as_str(), plugin);
+                plugins.insert(settings.name.clone(), plugin);
             }
             Err(err) => problems.push(format!("plugin `{}`: {err}", settings.name)),
         }
     }
-    if !problems.is_empty() {
-        return Err(ConfigError { problems });
+    if problems.is_empty() {
+        Ok(plugins)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+impl Snapshot {
+    /// The loaded plugin of this name, if its settings and component bytes are unchanged.
+    fn plugin_if_unchanged(&self, settings: &config::Plugin) -> Option<Arc<Plugin>> {
+        let plugin = self.plugins.get(&settings.name)?;
+        let bytes = std::fs::read(&settings.path).ok()?;
+        plugin
+            .is_unchanged(settings, &digest(&bytes))
+            .then(|| plugin.clone())
     }
 
-    let upstreams: HashMap<&str, Arc<Upstream>> = config
-        .upstreams
-        .iter()
-        .map(|u| (u.name.as_str(), Arc::new(Upstream::new(u, metrics))))
-        .collect();
-    let routes = config.routes.iter().map(|route| {
-        // NB: `Config::parse` has checked that every name a route uses exists.
-        let upstream = upstreams[route.upstream.as_str()].clone();
-        let policies = route
-            .policies
+    fn upstream_if_unchanged(&self, settings: &config::Upstream) -> Option<Arc<Upstream>> {
+        let old = self
+            .config
+            .upstreams
             .iter()
-            .map(|name| plugins[name.as_str()].clone())
-            .collect();
-        Route::new(route, upstream, policies, metrics)
-    });
-    Ok(Snapshot {
-        router: Router::new(routes.collect()),
-        max_body_bytes: config.listener.max_body_bytes,
-    })
+            .find(|u| u.name == settings.name)?;
+        (old == settings).then(|| self.upstreams.get(&settings.name).cloned())?
+    }
 }
 
 fn spawn_bucket_sweeper(buckets: std::sync::Weak<Buckets>) {

@@ -13,9 +13,11 @@ pub mod gateway;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod reload;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -23,6 +25,7 @@ use tokio::net::TcpListener;
 pub use config::{Config, ConfigError};
 pub use gateway::Gateway;
 pub use metrics::Metrics;
+pub use reload::ReloadHandle;
 
 /// A gateway bound to its listeners, ready to serve.
 #[derive(Debug)]
@@ -31,6 +34,7 @@ pub struct Server {
     listener: TcpListener,
     admin: TcpListener,
     config: Config,
+    reload: Option<ReloadHandle>,
 }
 
 impl Server {
@@ -44,7 +48,22 @@ impl Server {
             listener,
             admin,
             config,
+            reload: None,
         })
+    }
+
+    /// Builds the gateway from the config file at `path` and binds its listeners; the
+    /// configuration is then reloaded when the file or a plugin file changes, on `SIGHUP` and
+    /// on `POST /reload` (see [`reload`]).
+    pub async fn bind_file(path: &Path) -> anyhow::Result<Server> {
+        let loaded = reload::checksum(path);
+        let mut server = Server::bind(Config::load(path)?).await?;
+        server.reload = Some(reload::spawn(
+            server.gateway.clone(),
+            path.to_path_buf(),
+            loaded,
+        ));
+        Ok(server)
     }
 
     /// The address the public listener is bound to.
@@ -66,7 +85,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains in-flight requests.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!(listener = %self.local_addr(), admin = %self.admin_addr(), "sluice is serving");
-        let admin = tokio::spawn(admin::serve(self.admin, self.gateway.clone()));
+        let admin = tokio::spawn(admin::serve(self.admin, self.gateway.clone(), self.reload));
         let listener = &self.config.listener;
         let limits = proxy::ConnectionLimits {
             max_connections: listener.max_connections,

@@ -70,11 +70,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> ExitCode {
-    let server = match Config::load(&path) {
-        Ok(config) => Server::bind(config).await,
-        Err(err) => Err(err.into()),
-    };
-    match server {
+    match Server::bind_file(&path).await {
         Ok(server) => {
             server.run(shutdown_signal()).await;
             tracing::info!("stopped");

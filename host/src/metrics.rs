@@ -1,8 +1,8 @@
 //! The gateway's Prometheus metrics, held in one registry that is passed down explicitly.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::admission::GateGauges;
@@ -30,6 +30,10 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     upstream_in_flight: IntGaugeVec,
     pub connections_active: IntGauge,
+    plugin_compile: Histogram,
+    reloads: IntCounterVec,
+    generation: IntGauge,
+    last_reload_success: Gauge,
     pub connections_rejected: IntCounterVec,
     plugin_duration: HistogramVec,
     plugin_fuel: HistogramVec,
@@ -127,6 +131,40 @@ impl Metrics {
                 "Client connections closed by the gateway before a request was read, by reason.",
                 &["reason"],
             ),
+            plugin_compile: {
+                let opts = HistogramOpts::new(
+                    "sluice_plugin_compile_seconds",
+                    "Time to compile and pre-link one plugin component.",
+                )
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+                let metric = Histogram::with_opts(opts).expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric names are unique");
+                metric
+            },
+            reloads: counter(
+                &registry,
+                "sluice_config_reloads_total",
+                "Configuration reloads, by result (success or failure).",
+                &["result"],
+            ),
+            generation: plain_gauge(
+                &registry,
+                "sluice_config_generation",
+                "Generation of the configuration being served; the first is 1.",
+            ),
+            last_reload_success: {
+                let metric = Gauge::new(
+                    "sluice_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last successful configuration load.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric names are unique");
+                metric
+            },
             plugin_duration: histogram(
                 &registry,
                 "sluice_plugin_duration_seconds",
@@ -184,6 +222,25 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// Records one plugin compilation.
+    pub fn plugin_compiled(&self, seconds: f64) {
+        self.plugin_compile.observe(seconds);
+    }
+
+    /// Records a configuration load: the first one or a reload.
+    pub fn config_loaded(&self, generation: u64) {
+        self.reloads.with_label_values(&["success"]).inc();
+        self.generation.set(generation as i64);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        self.last_reload_success
+            .set(now.map_or(0.0, |d| d.as_secs_f64()));
+    }
+
+    /// Records a reload that was refused.
+    pub fn config_refused(&self) {
+        self.reloads.with_label_values(&["failure"]).inc();
     }
 
     /// Counts a request refused or cut short by the gateway.

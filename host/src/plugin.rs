@@ -24,7 +24,7 @@ pub use bindings::types::{
     Header, HeaderChanges, RequestChanges, RequestDecision, RequestHead, ResponseHead,
 };
 pub use mutation::{InvalidMutation, apply_header_changes, direct_response, rewrite_path};
-pub use runtime::Runtime;
+pub use runtime::{Digest, Runtime, digest};
 
 use self::bindings::{Policy, PolicyPre};
 use self::host_api::StoreState;
@@ -40,6 +40,7 @@ pub struct Plugin {
     name: Arc<str>,
     settings: config::Plugin,
     config_json: String,
+    digest: Digest,
     pre: PolicyPre<StoreState>,
     engine: wasmtime::Engine,
     buckets: Arc<Buckets>,
@@ -93,18 +94,14 @@ impl Plugin {
     ) -> Result<Arc<Plugin>, String> {
         let bytes = std::fs::read(&settings.path)
             .map_err(|err| format!("cannot read {}: {err}", settings.path.display()))?;
-        // Compiling takes tens of milliseconds of CPU: keep it off the async workers.
-        let compiler = runtime.clone();
-        let pre = tokio::task::spawn_blocking(move || compiler.prepare(&bytes))
-            .await
-            .map_err(|err| format!("compiling stopped: {err}"))?
-            .map_err(|err| format!("{err:#}"))?;
+        let compiled = runtime.compile(bytes, metrics).await?;
         let plugin_metrics = metrics.plugin(&settings.name);
         let plugin = Arc::new(Plugin {
             name: Arc::from(settings.name.as_str()),
             settings: settings.clone(),
             config_json: settings.config_json(),
-            pre,
+            digest: compiled.digest,
+            pre: compiled.pre,
             engine: runtime.engine().clone(),
             buckets,
             pool: Pool::new(settings, &plugin_metrics),
@@ -121,6 +118,17 @@ impl Plugin {
             .pool
             .seed(first, plugin.settings.isolation == Isolation::Pooled);
         Ok(plugin)
+    }
+
+    /// Whether this plugin was loaded from exactly these settings and component bytes, so a
+    /// reload can keep it, with its warm instances.
+    pub fn is_unchanged(&self, settings: &config::Plugin, digest: &Digest) -> bool {
+        self.settings == *settings && self.digest == *digest
+    }
+
+    /// The digest of the component this plugin runs.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
     }
 
     pub fn name(&self) -> &str {

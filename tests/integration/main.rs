@@ -6,4 +6,5 @@ mod check;
 mod overload;
 mod policies;
 mod proxy;
+mod reload;
 mod sandbox;

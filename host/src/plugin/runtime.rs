@@ -1,9 +1,12 @@
 //! The wasmtime engine, its instance pool and the linker every plugin is pre-linked against.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
 
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -11,6 +14,17 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::host_api::StoreState;
 use crate::config;
+use crate::metrics::Metrics;
+
+/// The SHA-256 of a component's bytes: compiled code is cached under it.
+pub type Digest = [u8; 32];
+
+/// A compiled, pre-linked component.
+#[derive(Clone)]
+pub struct Compiled {
+    pub digest: Digest,
+    pub pre: bindings::PolicyPre<StoreState>,
+}
 
 /// One epoch tick. Plugin deadlines are counted in ticks, so this is their resolution.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -20,10 +34,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// time; larger intervals let a busy guest starve timers on a one-worker runtime.
 pub const FUEL_YIELD_INTERVAL: u64 = 10_000;
 
-/// The engine and linker shared by every plugin, and the thread that advances epochs.
+/// The engine and linker shared by every plugin, the compiled components of the current
+/// configuration, and the thread that advances epochs.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
+    compiled: Mutex<HashMap<Digest, bindings::PolicyPre<StoreState>>>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -43,6 +59,7 @@ impl Runtime {
         Ok(Arc::new(Runtime {
             engine,
             linker,
+            compiled: Mutex::default(),
             ticker_stop,
         }))
     }
@@ -51,9 +68,50 @@ impl Runtime {
         &self.engine
     }
 
+    /// Compiles and pre-links a component, or takes it from the cache when the same bytes were
+    /// compiled before. Compiling takes tens of milliseconds of CPU, so it runs off the async
+    /// workers.
+    pub async fn compile(
+        self: &Arc<Self>,
+        bytes: Vec<u8>,
+        metrics: &Metrics,
+    ) -> Result<Compiled, String> {
+        let digest = digest(&bytes);
+        if let Some(pre) = self.lock_compiled().get(&digest) {
+            return Ok(Compiled {
+                digest,
+                pre: pre.clone(),
+            });
+        }
+        let runtime = self.clone();
+        let started = Instant::now();
+        let pre = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
+            .await
+            .map_err(|err| format!("compiling stopped: {err}"))?
+            .map_err(|err| format!("{err:#}"))?;
+        metrics.plugin_compiled(started.elapsed().as_secs_f64());
+        self.lock_compiled().insert(digest, pre.clone());
+        Ok(Compiled { digest, pre })
+    }
+
+    /// Forgets compiled components that no plugin of the current configuration runs.
+    pub fn retain_compiled(&self, live: &HashSet<Digest>) {
+        self.lock_compiled()
+            .retain(|digest, _| live.contains(digest));
+    }
+
+    fn lock_compiled(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Digest, bindings::PolicyPre<StoreState>>> {
+        // NB: the map is only read or written whole while locked; nothing panics inside.
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Compiles a component and pre-links it, refusing one that imports anything the
     /// gateway does not provide.
-    pub fn prepare(&self, bytes: &[u8]) -> anyhow::Result<bindings::PolicyPre<StoreState>> {
+    fn prepare(&self, bytes: &[u8]) -> anyhow::Result<bindings::PolicyPre<StoreState>> {
         let component = Component::new(&self.engine, bytes)?;
         let instance_pre = self.linker.instantiate_pre(&component)?;
         Ok(bindings::PolicyPre::new(instance_pre)?)
@@ -70,6 +128,11 @@ impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
     }
+}
+
+/// The SHA-256 digest of a component's bytes.
+pub fn digest(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
 }
 
 fn engine_config(settings: &config::Runtime) -> Config {

@@ -17,8 +17,9 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     pub policies: Vec<Arc<Plugin>>,
     pub request_timeout: Duration,
-    /// The route's in-flight slots and wait queue.
-    pub admission: Gate,
+    /// The route's in-flight slots and wait queue; kept across reloads that leave its limits
+    /// unchanged.
+    pub admission: Arc<Gate>,
     pub metrics: RouteMetrics,
 }
 
@@ -42,15 +43,18 @@ impl Route {
         settings: &crate::config::Route,
         upstream: Arc<Upstream>,
         policies: Vec<Arc<Plugin>>,
+        admission: Option<Arc<Gate>>,
         metrics: &Metrics,
     ) -> Route {
         let metrics = metrics.route(&settings.name, settings.max_queued);
-        let admission = Gate::new(
-            settings.max_in_flight,
-            settings.max_queued,
-            settings.queue_timeout_ms,
-        )
-        .with_gauges(metrics.admission.clone());
+        let admission = admission.unwrap_or_else(|| {
+            let gate = Gate::new(
+                settings.max_in_flight,
+                settings.max_queued,
+                settings.queue_timeout_ms,
+            );
+            Arc::new(gate.with_gauges(metrics.admission.clone()))
+        });
         Route {
             name: Arc::from(settings.name.as_str()),
             host: HostPattern::parse(settings.host.as_deref()),
@@ -73,6 +77,11 @@ impl Router {
                 .then_with(|| b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
         Router { routes }
+    }
+
+    /// Every route, in match order.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
     }
 
     /// The route for a request to `host` (port and case ignored) and `path`.

@@ -13,7 +13,8 @@ use sluice_sdk::{Config, Decision, HeaderChanges, Policy, Request, RequestChange
 #[serde(deny_unknown_fields)]
 struct Settings {
     mode: Mode,
-    /// Written into the `x-chaos-tag` response header when set.
+    /// Written into the `x-chaos-request-tag` request header and the `x-chaos-tag` response
+    /// header when set.
     #[serde(default)]
     tag: Option<String>,
 }
@@ -79,9 +80,15 @@ impl Policy for Chaos {
 impl Chaos {
     fn count(&self) -> RequestChanges {
         self.calls.set(self.calls.get() + 1);
-        RequestChanges::new()
+        let changes = RequestChanges::new()
             .set_header("x-instance-born", self.born.to_string())
-            .set_header("x-instance-calls", self.calls.get().to_string())
+            .set_header("x-instance-calls", self.calls.get().to_string());
+        match &self.tag {
+            // The request phase tags the request too, so a test can check that both phases of
+            // one request ran the same version of the policy.
+            Some(tag) => changes.set_header("x-chaos-request-tag", tag.as_str()),
+            None => changes,
+        }
     }
 }
 

@@ -1,0 +1,296 @@
+//! Reloading configuration and policies while serving: atomic, refused whole when any part is
+//! bad, triggered once per save however the file is saved.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use sluice_tests::{Reply, TestGateway, TestUpstream, get, plugin_path, send};
+
+/// A folder of its own for one test's config and plugin files.
+struct Workspace {
+    dir: PathBuf,
+}
+
+impl Workspace {
+    fn new(name: &str) -> Workspace {
+        let dir = std::env::temp_dir().join(format!("sluice-reload-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Workspace { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Two different components with the same behaviour: the chaos policy, and the same
+    /// bytes with a custom section appended (so a different digest and a fresh compile).
+    fn plugin_versions(&self) -> (PathBuf, PathBuf) {
+        let v1 = std::fs::read(plugin_path("chaos")).unwrap();
+        let mut v2 = v1.clone();
+        let name = b"sluice-test-version";
+        v2.push(0); // custom section id
+        v2.push((1 + name.len() + 1) as u8);
+        v2.push(name.len() as u8);
+        v2.extend_from_slice(name);
+        v2.push(2);
+        std::fs::write(self.path("chaos-v1.wasm"), v1).unwrap();
+        std::fs::write(self.path("chaos-v2.wasm"), v2).unwrap();
+        (self.path("chaos-v1.wasm"), self.path("chaos-v2.wasm"))
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A full config: the chaos policy from `plugin` tagging with `tag`, and one or two routes.
+fn config(upstream: &TestUpstream, plugin: &Path, tag: &str, extra_route: bool) -> String {
+    let text = sluice_tests::gateway::config_text(
+        upstream,
+        &format!(
+            r#"
+[[plugins]]
+name = "chaos"
+path = "{}"
+# Generous: the reloads compile components on this machine's two cores while traffic runs.
+deadline_ms = 2000
+config = {{ mode = "count", tag = "{tag}" }}
+
+[[routes]]
+name = "chaos"
+path_prefix = "/chaos"
+upstream = "app"
+policies = ["chaos"]
+"#,
+            plugin.display()
+        ),
+    );
+    if extra_route {
+        text + "\n[[routes]]\nname = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"app\"\n"
+    } else {
+        text
+    }
+}
+
+/// The version a response came from, checking that both phases ran the same one.
+fn version(reply: &Reply) -> String {
+    let request_phase = reply.header("x-echo-request-tag").unwrap_or("none");
+    let response_phase = reply.header("x-chaos-tag").unwrap_or("none");
+    assert_eq!(
+        request_phase, response_phase,
+        "one request saw two versions"
+    );
+    response_phase.to_string()
+}
+
+async fn generation(gateway: &TestGateway) -> u64 {
+    let metrics = gateway.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_config_generation "))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+async fn reload_failures(gateway: &TestGateway) -> u64 {
+    let metrics = gateway.metrics().await;
+    let prefix = r#"sluice_config_reloads_total{result="failure"} "#;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_traffic_lose_nothing_and_never_mix_versions() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("fifty");
+    let (v1, v2) = files.plugin_versions();
+    let path = files.path("sluice.toml");
+    std::fs::write(&path, config(&upstream, &v1, "v1", false)).unwrap();
+    let gateway = Arc::new(TestGateway::start_file(&path).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..4)
+        .map(|_| {
+            let (gateway, stop) = (gateway.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = get(&gateway.url("/chaos")).await;
+                    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                    seen.push(version(&reply));
+                }
+                seen
+            })
+        })
+        .collect();
+
+    for round in 0..50u64 {
+        let (plugin, tag, extra) = if round % 2 == 0 {
+            (&v2, "v2", true)
+        } else {
+            (&v1, "v1", false)
+        };
+        std::fs::write(&path, config(&upstream, plugin, tag, extra)).unwrap();
+        let (status, outcome) = gateway.reload().await;
+        assert_eq!(status, StatusCode::OK, "{outcome}");
+        assert_eq!(outcome["generation"], round + 2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut versions = Vec::new();
+    for task in traffic {
+        versions.extend(task.await.unwrap());
+    }
+    assert!(versions.iter().any(|v| v == "v1") && versions.iter().any(|v| v == "v2"));
+    assert_eq!(reload_failures(&gateway).await, 0);
+    let metrics = gateway.metrics().await;
+    let compiles = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_plugin_compile_seconds_count "));
+    assert_eq!(
+        compiles,
+        Some("2"),
+        "each version is compiled once, then cached"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_reload_is_refused_whole_and_the_old_configuration_keeps_serving() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("bad");
+    let (v1, _) = files.plugin_versions();
+    let path = files.path("sluice.toml");
+    let good = config(&upstream, &v1, "v1", false);
+    std::fs::write(&path, &good).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+
+    let corrupt = files.path("corrupt.wasm");
+    std::fs::write(&corrupt, b"\0asm not really").unwrap();
+    let bad_configs = [
+        ("syntax error", good.replace("[[routes]]", "[[routes]")),
+        (
+            "unknown key",
+            good.replace(
+                "path_prefix = \"/chaos\"",
+                "path_prefix = \"/chaos\"\ncolour = 1",
+            ),
+        ),
+        ("corrupt wasm", config(&upstream, &corrupt, "v2", false)),
+        (
+            "rejected plugin config",
+            good.replace("mode = \"count\"", "mode = \"explode\""),
+        ),
+        (
+            "listener change",
+            good.replace("shutdown_grace_ms = 2000", "shutdown_grace_ms = 3000"),
+        ),
+    ];
+    for (failures, (what, text)) in (1..).zip(bad_configs) {
+        std::fs::write(&path, text).unwrap();
+        let (status, outcome) = gateway.reload().await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{what}: {outcome}"
+        );
+        assert_eq!(outcome["generation"], 1, "{what}");
+        assert!(!outcome["errors"].as_array().unwrap().is_empty(), "{what}");
+        assert_eq!(reload_failures(&gateway).await, failures, "{what}");
+        assert_eq!(version(&get(&gateway.url("/chaos")).await), "v1", "{what}");
+    }
+
+    std::fs::write(&path, good.replace("tag = \"v1\"", "tag = \"v3\"")).unwrap();
+    let (status, outcome) = gateway.reload().await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert_eq!(version(&get(&gateway.url("/chaos")).await), "v3");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_during_a_reload_finishes_on_its_old_configuration() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("inflight");
+    let (v1, v2) = files.plugin_versions();
+    let path = files.path("sluice.toml");
+    std::fs::write(&path, config(&upstream, &v1, "v1", false)).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+
+    let slow = Request::get(gateway.url("/chaos"))
+        .header("x-delay-ms", "800")
+        .body(Bytes::new())
+        .unwrap();
+    let in_flight = tokio::spawn(send(slow));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, config(&upstream, &v2, "v2", false)).unwrap();
+    assert_eq!(gateway.reload().await.0, StatusCode::OK);
+
+    assert_eq!(version(&get(&gateway.url("/chaos")).await), "v2");
+    let old = in_flight.await.unwrap();
+    assert_eq!(old.status, StatusCode::OK);
+    assert_eq!(version(&old), "v1");
+}
+
+/// Saves the config with `save`, then checks that exactly one reload followed.
+async fn saving_reloads_once(name: &str, save: impl Fn(&Workspace, &str)) {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new(name);
+    let (v1, _) = files.plugin_versions();
+    save(&files, &config(&upstream, &v1, "v1", false));
+    let gateway = TestGateway::start_file(&files.path("sluice.toml")).await;
+    assert_eq!(generation(&gateway).await, 1);
+
+    save(&files, &config(&upstream, &v1, "v2", false));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while generation(&gateway).await == 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    assert_eq!(generation(&gateway).await, 2, "{name}: exactly one reload");
+    assert_eq!(version(&get(&gateway.url("/chaos")).await), "v2", "{name}");
+}
+
+#[tokio::test]
+async fn saving_in_place_reloads_once() {
+    saving_reloads_once("in-place", |files, text| {
+        std::fs::write(files.path("sluice.toml"), text).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn saving_by_renaming_over_reloads_once() {
+    saving_reloads_once("rename", |files, text| {
+        let temporary = files.path(".sluice.toml.swp");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, files.path("sluice.toml")).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_kubernetes_style_symlink_swap_reloads_once() {
+    use std::sync::atomic::AtomicU32;
+    static VERSION: AtomicU32 = AtomicU32::new(0);
+    saving_reloads_once("symlink", |files, text| {
+        // sluice.toml -> ..data/sluice.toml, and ..data -> ..vN, swapped by renaming a new link.
+        let version = format!("..v{}", VERSION.fetch_add(1, Ordering::Relaxed));
+        std::fs::create_dir_all(files.path(&version)).unwrap();
+        std::fs::write(files.path(&version).join("sluice.toml"), text).unwrap();
+        std::os::unix::fs::symlink(&version, files.path("..data_tmp")).unwrap();
+        std::fs::rename(files.path("..data_tmp"), files.path("..data")).unwrap();
+        if !files.path("sluice.toml").exists() {
+            std::os::unix::fs::symlink("..data/sluice.toml", files.path("sluice.toml")).unwrap();
+        }
+    })
+    .await;
+}
