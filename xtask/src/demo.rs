@@ -103,6 +103,11 @@ Try:
   # What the gateway counted.
   curl -s http://{admin}/metrics | grep sluice_
 
+  # Hot reload: edit {CONFIG} (say, the throttle's `limit`) and save,
+  # or rebuild a policy with `cargo xtask build-plugins`; the gateway reloads by itself.
+  # Or ask for it and see the outcome:
+  curl -s -X POST http://{admin}/reload
+
 Press Ctrl-C to stop.
 "
     );
