@@ -5,6 +5,7 @@ mod body;
 mod forward;
 mod handler;
 mod headers;
+mod path;
 mod router;
 mod server;
 

@@ -116,6 +116,18 @@ async fn auth_checks_jwt_signature_expiry_and_audience() {
     .await;
     assert_eq!(other_audience.status, StatusCode::UNAUTHORIZED);
 
+    let oversized = format!("{}.{}.sig", "a".repeat(30_000), "b".repeat(30_000));
+    let oversized = get_with(
+        &gateway.url("/api/x"),
+        &[("authorization", &bearer(oversized))],
+    )
+    .await;
+    assert_eq!(
+        oversized.status,
+        StatusCode::UNAUTHORIZED,
+        "a huge token is refused, not a failure"
+    );
+
     let mut forged = token("alice", "sluice-tests", 300);
     forged.pop();
     let forged = get_with(

@@ -195,3 +195,56 @@ async fn shutdown_lets_in_flight_requests_finish() {
 
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn dot_segments_are_resolved_before_routing_and_encoded_slashes_refused() {
+    let upstream = TestUpstream::start().await;
+    let admin = TestUpstream::start().await;
+    let fragment = format!(
+        r#"
+[[upstreams]]
+name = "admin"
+targets = ["{}"]
+
+[[routes]]
+name = "public"
+path_prefix = "/public/"
+upstream = "app"
+
+[[routes]]
+name = "admin"
+path_prefix = "/admin"
+upstream = "admin"
+"#,
+        admin.addr
+    );
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+
+    let raw = b"GET /public/../admin/users?x=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
+    let raw = b"GET /public/%2e%2E/admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
+    assert!(
+        upstream.received().is_empty(),
+        "the public route never sees an admin path"
+    );
+    let paths: Vec<_> = admin
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(
+        paths,
+        ["/admin/users?x=1", "/admin"],
+        "routed and forwarded on the resolved path"
+    );
+
+    let raw = b"GET /public%2F..%2Fadmin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let refused = send_raw(gateway.addr, raw, Duration::from_secs(10)).await;
+    assert!(
+        refused.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+    assert_eq!(admin.received().len(), 2);
+}

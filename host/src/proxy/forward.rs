@@ -42,6 +42,8 @@ pub enum UpstreamError {
     Response { target: Authority, cause: String },
     #[error("the request body is larger than the gateway accepts")]
     BodyTooLarge,
+    #[error("the client's request body broke off or was malformed: {0}")]
+    ClientBody(String),
 }
 
 impl Upstream {
@@ -95,6 +97,10 @@ impl Upstream {
         match self.client.request(request).await {
             Ok(response) => Ok((response, slot)),
             Err(err) if caused_by::<LengthLimitError>(&err) => Err(UpstreamError::BodyTooLarge),
+            // The body being sent failed: that is the client's doing, not the upstream's.
+            Err(err) if causes(&err).any(is_body_error) => {
+                Err(UpstreamError::ClientBody(root_cause(&err)))
+            }
             Err(err) if err.is_connect() => Err(UpstreamError::Connect {
                 timed_out: caused_by_timeout(&err),
                 cause: root_cause(&err),
@@ -146,6 +152,11 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 
 fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
     causes(err).any(|cause| cause.is::<E>())
+}
+
+fn is_body_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_user)
 }
 
 fn caused_by_timeout(err: &(dyn std::error::Error + 'static)) -> bool {

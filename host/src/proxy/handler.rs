@@ -1,5 +1,6 @@
 //! The life of one request: route, request policies, upstream, response policies.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use super::body::Guarded;
 use super::forward::UpstreamError;
 use super::headers::{set_forwarded, strip_hop_by_hop};
+use super::path::{self, PathError};
 use super::{Body, Route};
 use crate::admission::{Refused, Slot};
 use crate::config::OnError;
@@ -33,6 +35,9 @@ enum Outcome {
     Forward(Parts, RequestHead),
     Answer(Response<Body>),
 }
+
+/// Names the plugin whose failure the gateway answered for.
+const PLUGIN_HEADER: &str = "x-sluice-plugin";
 
 /// Why the gateway answered a request itself rather than with an upstream response.
 #[derive(Debug)]
@@ -56,6 +61,11 @@ pub async fn handle(
     client: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
+    let mut request = request;
+    if let Err(response) = normalize_path(&mut request) {
+        metrics.request("", response.status(), started.elapsed().as_secs_f64());
+        return response;
+    }
     let host = request_host(&request);
     let host = host.as_ref().and_then(|h| h.to_str().ok());
     let Some(route) = snapshot.router.find(host, request.uri().path()) else {
@@ -76,6 +86,9 @@ pub async fn handle(
             let proxied = proxy(route, metrics, request, client, snapshot.max_body_bytes);
             match tokio::time::timeout(route.request_timeout, proxied).await {
                 Ok(Ok((response, upstream_slot))) => {
+                    if response.headers().contains_key(PLUGIN_HEADER) {
+                        metrics.rejected(&route.name, "policy_failed");
+                    }
                     let held = (route_slot, upstream_slot, snapshot.clone());
                     response.map(|body| Guarded::new(body, held).boxed())
                 }
@@ -216,7 +229,7 @@ fn plugin_failed(plugin: &Plugin, failure: PluginFailure) -> Option<Response<Bod
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             response
                 .headers_mut()
-                .insert("x-sluice-plugin", header_value(plugin.name()));
+                .insert(PLUGIN_HEADER, header_value(plugin.name()));
             Some(response)
         }
     }
@@ -227,6 +240,9 @@ impl Rejection {
         let (status, reason) = self.status_and_reason();
         metrics.rejected(&route.name, reason);
         match &self {
+            Rejection::Upstream(UpstreamError::ClientBody(err)) => {
+                tracing::debug!(route = &*route.name, reason, "client body failed: {err}");
+            }
             Rejection::Upstream(err) => {
                 tracing::warn!(route = &*route.name, upstream = %route.upstream.name, reason, "upstream failed: {err}");
             }
@@ -260,8 +276,36 @@ impl Rejection {
                     (StatusCode::BAD_GATEWAY, "upstream_bad_response")
                 }
                 UpstreamError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+                UpstreamError::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
             },
         }
+    }
+}
+
+/// Resolves dot segments in the request's path, so that routes, policies and the upstream
+/// all see the same path; refuses encoded slashes with 400.
+fn normalize_path(request: &mut Request<Incoming>) -> Result<(), Response<Body>> {
+    let uri = request.uri();
+    let normalized = match path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normalized)) => normalized,
+        Err(PathError::EncodedSlash) => {
+            tracing::debug!(path = uri.path(), "refused a path with an encoded slash");
+            return Err(error_response(StatusCode::BAD_REQUEST, "encoded_slash"));
+        }
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            Ok(())
+        }
+        Err(_) => Err(error_response(StatusCode::BAD_REQUEST, "invalid_path")),
     }
 }
 
