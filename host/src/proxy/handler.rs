@@ -62,7 +62,8 @@ pub async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let mut request = request;
-    if let Err(response) = normalize_path(&mut request) {
+    if let Err(reason) = normalize_path(&mut request) {
+        let response = error_response(StatusCode::BAD_REQUEST, reason);
         metrics.request("", response.status(), started.elapsed().as_secs_f64());
         return response;
     }
@@ -283,15 +284,15 @@ impl Rejection {
 }
 
 /// Resolves dot segments in the request's path, so that routes, policies and the upstream
-/// all see the same path; refuses encoded slashes with 400.
-fn normalize_path(request: &mut Request<Incoming>) -> Result<(), Response<Body>> {
+/// all see the same path; the reason to answer 400 when the path is refused.
+fn normalize_path(request: &mut Request<Incoming>) -> Result<(), &'static str> {
     let uri = request.uri();
     let normalized = match path::normalize(uri.path()) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
         Ok(Cow::Owned(normalized)) => normalized,
         Err(PathError::EncodedSlash) => {
             tracing::debug!(path = uri.path(), "refused a path with an encoded slash");
-            return Err(error_response(StatusCode::BAD_REQUEST, "encoded_slash"));
+            return Err("encoded_slash");
         }
     };
     let path_and_query = match uri.query() {
@@ -305,7 +306,7 @@ fn normalize_path(request: &mut Request<Incoming>) -> Result<(), Response<Body>>
             *request.uri_mut() = uri;
             Ok(())
         }
-        Err(_) => Err(error_response(StatusCode::BAD_REQUEST, "invalid_path")),
+        Err(_) => Err("invalid_path"),
     }
 }
 
