@@ -2,7 +2,9 @@
 //!
 //! Policies are WebAssembly components that cargo cannot build as part of a native
 //! `cargo build`, so the commands that need them (tests, the demo) build them first here.
+//! `bench` runs the benchmark script, `bench/bench.sh`, which builds what it measures itself.
 
+mod bench;
 mod cargo;
 mod demo;
 mod plugins;
@@ -20,7 +22,8 @@ usage: cargo xtask <command>
 commands:
   build-plugins   build every policy and test guest for wasm32-wasip2 (profile `plugin`)
   test [ARGS]     build the plugins, then `cargo test --workspace [ARGS]`
-  demo            run the quickstart gateway in front of a local echo upstream";
+  demo            run the quickstart gateway in front of a local echo upstream
+  bench [ARGS]    benchmark Sluice side by side with nginx (`bench/bench.sh help`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +53,7 @@ fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
             no_arguments(command, args)?;
             demo::run(root)
         }
+        "bench" => bench::run(root, args),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
