@@ -70,8 +70,9 @@
 #   req/s, p50, p99     wrk's figures
 #   CPU us/req          CPU time (user + system, from /proc/PID/stat, all threads) of the target's
 #                       processes during the measured run, divided by the requests served; for
-#                       `upstream` it is the upstream nginx itself. Loopback TCP work the kernel
-#                       does in softirq is accounted to no process and is not in it.
+#                       `upstream` it is the upstream nginx itself. Kernel work done in the
+#                       target's context is in it, including the loopback TCP receive processing
+#                       its own sends trigger; softirq work run elsewhere is not (raw column 14).
 #   peak RSS            VmHWM from /proc/PID/status at the end of the run; the largest over the
 #                       target's processes (the nginx worker). Sluice's includes its start-up,
 #                       when it compiles the plugins; `RSS end` is VmRSS at the end of the run.

@@ -51,10 +51,15 @@ fn main() -> ExitCode {
     );
     init_logging(json_logs);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run {
+        workers: Some(workers),
+        ..
+    } = &cli.command
     {
+        builder.worker_threads((*workers).max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
