@@ -2,6 +2,7 @@
 //! fragment, paths of the compiled test policies, and a small HTTP client.
 
 pub mod client;
+pub mod faulty;
 pub mod gateway;
 pub mod upstream;
 

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::config;
 use sluice::metrics::Metrics;
-use sluice::proxy::{Route, Router, Upstream};
+use sluice::proxy::{Route, Router};
+use sluice::upstream::Upstream;
 
 fn router(routes: usize) -> Router {
     let metrics = Metrics::new();

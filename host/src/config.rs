@@ -11,6 +11,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod upstream;
+
+pub use upstream::{
+    CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection, Retry, Target, Upstream,
+};
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,26 +69,6 @@ pub struct Runtime {
     pub instance_slots: u32,
     /// The largest linear memory any plugin may be given; the size of a pool slot.
     pub max_memory_bytes: u64,
-}
-
-/// A named group of upstream servers.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Upstream {
-    pub name: String,
-    /// `host:port` of each server; requests go round robin.
-    pub targets: Vec<String>,
-    /// Time to establish a TCP connection to a target.
-    #[serde(default = "defaults::connect_timeout", with = "millis")]
-    pub connect_timeout_ms: Duration,
-    /// Idle pooled connections are closed after this long; keep it below the upstream's own
-    /// keep-alive timeout so the gateway never reuses a connection the upstream is closing.
-    #[serde(default = "defaults::idle_timeout", with = "millis")]
-    pub idle_timeout_ms: Duration,
-    /// Requests in flight to this upstream at once, from all routes (a bulkhead): a slow
-    /// upstream fills only its own slots. Beyond it requests are answered 503 at once.
-    #[serde(default = "defaults::upstream_max_in_flight")]
-    pub max_in_flight: u32,
 }
 
 /// A policy: a WebAssembly component and how to run it.
@@ -140,7 +126,12 @@ pub struct Route {
     /// Plugin names, run in this order on requests and in reverse order on responses.
     #[serde(default)]
     pub policies: Vec<String>,
-    /// Time from admission to the response headers (policies and upstream); then 504.
+    /// Lets the upstream's retries apply to methods that are not idempotent (POST, PATCH)
+    /// on this route; only for handlers that tolerate a request arriving twice.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Time from admission to the response headers (policies, upstream attempts and their
+    /// retries); then 504.
     #[serde(default = "defaults::request_timeout", with = "millis")]
     pub request_timeout_ms: Duration,
     /// Requests this route serves at once, until their response bodies end.
@@ -229,33 +220,6 @@ impl Config {
             route.check(&upstreams, &plugins, &mut problems);
         }
         problems
-    }
-}
-
-// === impl Upstream ===
-
-impl Upstream {
-    fn check(&self, problems: &mut Vec<String>) {
-        if self.max_in_flight == 0 {
-            problems.push(format!(
-                "upstream `{}`: max_in_flight must be at least 1",
-                self.name
-            ));
-        }
-        if self.targets.is_empty() {
-            problems.push(format!("upstream `{}` has no targets", self.name));
-        }
-        for target in &self.targets {
-            if target
-                .parse::<http::uri::Authority>()
-                .map_or(true, |a| a.port().is_none())
-            {
-                problems.push(format!(
-                    "upstream `{}`: target `{target}` is not `host:port`",
-                    self.name
-                ));
-            }
-        }
     }
 }
 
@@ -370,12 +334,6 @@ impl Default for Runtime {
 mod defaults {
     use std::time::Duration;
 
-    pub fn connect_timeout() -> Duration {
-        Duration::from_secs(2)
-    }
-    pub fn idle_timeout() -> Duration {
-        Duration::from_secs(30)
-    }
     pub fn fuel() -> u64 {
         // About 5 ms of straight-line guest code; a typical policy call uses about 10,000.
         5_000_000
@@ -421,9 +379,6 @@ mod defaults {
     pub fn queue_timeout() -> Duration {
         Duration::from_secs(1)
     }
-    pub fn upstream_max_in_flight() -> u32 {
-        512
-    }
 }
 
 /// Durations written as whole milliseconds in the config.
@@ -434,6 +389,19 @@ mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+
+    /// An optional duration in milliseconds: absent is `None`.
+    pub mod optional {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            u64::deserialize(deserializer).map(|ms| Some(Duration::from_millis(ms)))
+        }
     }
 }
 

@@ -18,7 +18,8 @@ use crate::admission::Gate;
 use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::plugin::{Plugin, Runtime, digest};
-use crate::proxy::{Route, Router, Upstream};
+use crate::proxy::{Route, Router};
+use crate::upstream::Upstream;
 
 /// How often idle rate-limit keys are forgotten.
 const BUCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(60);

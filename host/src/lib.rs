@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod reload;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -29,6 +29,12 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     in_flight: IntGaugeVec,
     upstream_in_flight: IntGaugeVec,
+    upstream_requests: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    target_healthy: IntGaugeVec,
+    target_ejections: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    circuit_transitions: IntCounterVec,
     pub connections_active: IntGauge,
     plugin_compile: Histogram,
     reloads: IntCounterVec,
@@ -49,6 +55,19 @@ pub struct Metrics {
 pub struct RouteMetrics {
     pub admission: GateGauges,
     pub queue_wait: Histogram,
+}
+
+/// One upstream's metrics; per-target series are resolved when the targets are built.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    pub upstream: String,
+    pub bulkhead: GateGauges,
+    requests: IntCounterVec,
+    retries: IntCounterVec,
+    target_healthy: IntGaugeVec,
+    target_ejections: IntCounterVec,
+    pub circuit_state: IntGauge,
+    circuit_transitions: IntCounterVec,
 }
 
 /// One plugin's metrics, with labels resolved once at load time.
@@ -119,6 +138,45 @@ impl Metrics {
                 "sluice_upstream_in_flight",
                 "Requests in flight to an upstream.",
                 &["upstream"],
+            ),
+            upstream_requests: counter(
+                &registry,
+                "sluice_upstream_requests_total",
+                "Attempts sent to an upstream, by upstream and status code, or by what went \
+                 wrong when there was no answer (connect_failed, connect_timeout, reset, \
+                 timeout, bad_response).",
+                &["upstream", "status"],
+            ),
+            upstream_retries: counter(
+                &registry,
+                "sluice_upstream_retries_total",
+                "Attempts sent again, by upstream and the reason for the retry; \
+                 reason budget_exhausted counts retries refused by the retry budget.",
+                &["upstream", "reason"],
+            ),
+            target_healthy: gauge(
+                &registry,
+                "sluice_upstream_target_healthy",
+                "1 while a target takes traffic; 0 while failing health checks or ejected.",
+                &["upstream", "target"],
+            ),
+            target_ejections: counter(
+                &registry,
+                "sluice_upstream_target_ejections_total",
+                "Times a target was set aside for failing requests.",
+                &["upstream", "target"],
+            ),
+            circuit_state: gauge(
+                &registry,
+                "sluice_upstream_circuit_state",
+                "An upstream's circuit breaker: 0 closed, 1 open, 2 half open.",
+                &["upstream"],
+            ),
+            circuit_transitions: counter(
+                &registry,
+                "sluice_upstream_circuit_transitions_total",
+                "Circuit breaker state changes, by upstream and the state entered.",
+                &["upstream", "state"],
             ),
             connections_active: plain_gauge(
                 &registry,
@@ -262,11 +320,20 @@ impl Metrics {
         }
     }
 
-    /// The gauges of one upstream's bulkhead, which has no wait line.
-    pub fn upstream(&self, name: &str) -> GateGauges {
-        GateGauges {
-            in_use: Some(self.upstream_in_flight.with_label_values(&[name])),
-            waiting: None,
+    /// The metrics of one upstream; its bulkhead has no wait line.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            upstream: name.to_string(),
+            bulkhead: GateGauges {
+                in_use: Some(self.upstream_in_flight.with_label_values(&[name])),
+                waiting: None,
+            },
+            requests: self.upstream_requests.clone(),
+            retries: self.upstream_retries.clone(),
+            target_healthy: self.target_healthy.clone(),
+            target_ejections: self.target_ejections.clone(),
+            circuit_state: self.circuit_state.with_label_values(&[name]),
+            circuit_transitions: self.circuit_transitions.clone(),
         }
     }
 
@@ -292,6 +359,43 @@ impl Metrics {
         // NB: encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// === impl UpstreamMetrics ===
+
+impl UpstreamMetrics {
+    /// Counts one attempt by its status code or what went wrong.
+    pub fn attempt(&self, status: &str) {
+        self.requests
+            .with_label_values(&[&self.upstream, status])
+            .inc();
+    }
+
+    pub fn retry(&self, reason: &str) {
+        self.retries
+            .with_label_values(&[&self.upstream, reason])
+            .inc();
+    }
+
+    /// The health gauge of one target.
+    pub fn target_healthy(&self, target: &str) -> IntGauge {
+        self.target_healthy
+            .with_label_values(&[&self.upstream, target])
+    }
+
+    pub fn ejected(&self, target: &str) {
+        self.target_ejections
+            .with_label_values(&[&self.upstream, target])
+            .inc();
+    }
+
+    /// Records the circuit breaker entering `state` (0 closed, 1 open, 2 half open).
+    pub fn circuit(&self, state: i64, name: &str) {
+        self.circuit_state.set(state);
+        self.circuit_transitions
+            .with_label_values(&[&self.upstream, name])
+            .inc();
     }
 }
 

@@ -2,7 +2,6 @@
 //! stream the response back.
 
 mod body;
-mod forward;
 mod handler;
 mod headers;
 mod path;
@@ -12,7 +11,6 @@ mod server;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
-pub use forward::Upstream;
 pub use handler::handle;
 pub use router::{Route, Router};
 pub use server::{ConnectionLimits, serve};

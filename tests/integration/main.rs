@@ -7,4 +7,5 @@ mod overload;
 mod policies;
 mod proxy;
 mod reload;
+mod resilience;
 mod sandbox;

@@ -13,11 +13,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::body::Guarded;
-use super::forward::UpstreamError;
 use super::headers::{set_forwarded, strip_hop_by_hop};
 use super::path::{self, PathError};
 use super::{Body, Route};
-use crate::admission::{Refused, Slot};
+use crate::admission::Refused;
 use crate::config::OnError;
 use crate::gateway::Snapshot;
 use crate::metrics::Metrics;
@@ -25,6 +24,7 @@ use crate::plugin::{
     Header, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
     apply_header_changes, direct_response, rewrite_path,
 };
+use crate::upstream::{Lease, UpstreamError};
 
 /// What the request phase of a route's policies decided.
 #[expect(
@@ -86,11 +86,11 @@ pub async fn handle(
         Ok(route_slot) => {
             let proxied = proxy(route, metrics, request, client, snapshot.max_body_bytes);
             match tokio::time::timeout(route.request_timeout, proxied).await {
-                Ok(Ok((response, upstream_slot))) => {
+                Ok(Ok((response, upstream_lease))) => {
                     if response.headers().contains_key(PLUGIN_HEADER) {
                         metrics.rejected(&route.name, "policy_failed");
                     }
-                    let held = (route_slot, upstream_slot, snapshot.clone());
+                    let held = (route_slot, upstream_lease, snapshot.clone());
                     response.map(|body| Guarded::new(body, held).boxed())
                 }
                 Ok(Err(rejection)) => rejection.respond(route, metrics),
@@ -114,7 +114,7 @@ async fn proxy(
     request: Request<Incoming>,
     client: SocketAddr,
     max_body_bytes: u64,
-) -> Result<(Response<Body>, Option<Slot>), Rejection> {
+) -> Result<(Response<Body>, Option<Lease>), Rejection> {
     if declared_length(request.headers()).is_some_and(|length| length > max_body_bytes) {
         return Err(Rejection::BodyTooLarge);
     }
@@ -138,12 +138,15 @@ async fn proxy(
     };
 
     let body = Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX));
-    let upstream = route.upstream.send(Request::from_parts(parts, body)).await;
-    let (response, slot) = upstream.map_err(|err| match err {
+    let request = Request::from_parts(parts, body);
+    let upstream = (route.upstream)
+        .send(request, client.ip(), route.retry_non_idempotent)
+        .await;
+    let (response, lease) = upstream.map_err(|err| match err {
         UpstreamError::BodyTooLarge => Rejection::BodyTooLarge,
         err => Rejection::Upstream(err),
     })?;
-    Ok((response_phase(route, &head, response).await, Some(slot)))
+    Ok((response_phase(route, &head, response).await, Some(lease)))
 }
 
 /// Runs each policy's request phase in order, applying its changes before the next one.
@@ -280,10 +283,16 @@ impl Rejection {
                 UpstreamError::Saturated(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")
                 }
+                UpstreamError::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, "circuit_open"),
+                UpstreamError::NoHealthyTarget => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_target")
+                }
                 UpstreamError::Connect {
                     timed_out: true, ..
                 } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
                 UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+                UpstreamError::Reset { .. } => (StatusCode::BAD_GATEWAY, "upstream_reset"),
+                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Response { .. } => {
                     (StatusCode::BAD_GATEWAY, "upstream_bad_response")
                 }

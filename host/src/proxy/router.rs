@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Upstream;
 use crate::admission::Gate;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::plugin::Plugin;
+use crate::upstream::Upstream;
 
 /// A route, resolved against its upstream and plugins.
 #[derive(Debug)]
@@ -17,6 +17,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     pub policies: Vec<Arc<Plugin>>,
     pub request_timeout: Duration,
+    /// Whether the upstream may retry this route's requests whatever their method.
+    pub retry_non_idempotent: bool,
     /// The route's in-flight slots and wait queue; kept across reloads that leave its limits
     /// unchanged.
     pub admission: Arc<Gate>,
@@ -62,6 +64,7 @@ impl Route {
             upstream,
             policies,
             request_timeout: settings.request_timeout_ms,
+            retry_non_idempotent: settings.retry_non_idempotent,
             admission,
             metrics,
         }

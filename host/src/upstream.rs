@@ -1,0 +1,386 @@
+//! Upstreams: groups of servers behind one bulkhead and one connection pool, with load
+//! balancing, health checks, a circuit breaker and retries.
+//!
+//! A request to an upstream passes, in order: the bulkhead (503 `upstream_saturated` when
+//! full), target selection among the usable targets (503 `no_healthy_target` when there is
+//! none), the circuit breaker (503 `circuit_open`), then one attempt per try. A failed try is
+//! retried, on another target when there is one, only when that is safe: the connection was
+//! never made, or the method is idempotent and no answer arrived (or the answer's status is
+//! configured as retryable), and the retry budget has room.
+
+mod balance;
+mod breaker;
+mod health;
+mod retry;
+mod target;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::admission::{Gate, Slot};
+use crate::config;
+use crate::metrics::{Metrics, UpstreamMetrics};
+
+use balance::Balancer;
+use breaker::Breaker;
+pub use retry::RequestBody;
+use retry::{InFlight, Reason, Replay, Retries};
+use target::{TargetLease, Targets};
+
+/// A named group of servers sharing one keep-alive connection pool and one bulkhead.
+pub struct Upstream {
+    pub name: String,
+    targets: Arc<Targets>,
+    balancer: Balancer,
+    bulkhead: Gate,
+    breaker: Option<Arc<Breaker>>,
+    retries: Retries,
+    try_timeout: Option<Duration>,
+    client: Client<HttpConnector, RequestBody>,
+    metrics: UpstreamMetrics,
+}
+
+/// What a response from an upstream holds on to until its body has been sent on: the
+/// bulkhead slot, the target's in-flight count and the retry budget's count of requests.
+#[derive(Debug)]
+pub struct Lease {
+    _slot: Slot,
+    _target: TargetLease,
+    _in_flight: InFlight,
+}
+
+/// Why a request got no response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("every one of the upstream's {0} request slots is taken")]
+    Saturated(u32),
+    #[error("the upstream's circuit breaker is open")]
+    CircuitOpen,
+    #[error("no target of the upstream is healthy")]
+    NoHealthyTarget,
+    #[error("connecting to {target} failed: {cause}")]
+    Connect {
+        target: Authority,
+        cause: String,
+        timed_out: bool,
+    },
+    #[error("{target} closed or reset the connection before answering: {cause}")]
+    Reset { target: Authority, cause: String },
+    #[error("{target} did not answer within {}ms", after.as_millis())]
+    Timeout { target: Authority, after: Duration },
+    #[error("{target} gave no valid response: {cause}")]
+    Response { target: Authority, cause: String },
+    #[error("the request body is larger than the gateway accepts")]
+    BodyTooLarge,
+    #[error("the client's request body broke off or was malformed: {0}")]
+    ClientBody(String),
+}
+
+/// One try's result, with the target it went to.
+type Attempt = Result<(Response<Incoming>, TargetLease), (UpstreamError, Option<usize>)>;
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// Builds the upstream and starts its health checks, which end when it is dropped.
+    pub fn new(settings: &config::Upstream, metrics: &Metrics) -> Upstream {
+        let metrics = metrics.upstream(&settings.name);
+        let targets = Arc::new(Targets::new(settings, &metrics));
+        if let Some(check) = &settings.health_check {
+            health::spawn(
+                settings.name.clone(),
+                Arc::downgrade(&targets),
+                check.clone(),
+                settings.connect_timeout_ms,
+            );
+        }
+        let bulkhead = Gate::new(settings.max_in_flight, 0, Duration::ZERO)
+            .with_gauges(metrics.bulkhead.clone());
+        Upstream {
+            name: settings.name.clone(),
+            balancer: Balancer::new(settings),
+            targets,
+            bulkhead,
+            breaker: (settings.circuit_breaker.as_ref())
+                .map(|breaker| Arc::new(Breaker::new(breaker, &metrics))),
+            retries: Retries::new(&settings.retry),
+            try_timeout: settings.try_timeout_ms,
+            client: client(settings),
+            metrics,
+        }
+    }
+
+    /// Sends `request` (with its path already final) and returns the first response worth
+    /// passing on, retrying failed tries where that is safe.
+    ///
+    /// `client` is the address consistent hashing may key on; `resend_any_method` lets
+    /// requests that are not idempotent be retried after they were sent.
+    pub async fn send(
+        &self,
+        request: Request<Limited<Incoming>>,
+        client: IpAddr,
+        resend_any_method: bool,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let slot = self
+            .bulkhead
+            .try_enter()
+            .ok_or(UpstreamError::Saturated(self.bulkhead.capacity()))?;
+        let in_flight = self.retries.in_flight();
+        let (mut parts, body) = request.into_parts();
+        let may_resend = self.retries.may_resend(&parts.method, resend_any_method);
+        let mut body = self.retries.replay(body, may_resend).await?;
+        let key = self.balancer.key(&parts.headers, client);
+
+        let mut previous = None;
+        let mut _place = None;
+        for retry in 0.. {
+            let last = retry >= self.retries.max_retries() || !body.can_resend();
+            let headers = if last {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            let attempt = self
+                .attempt(&parts, headers, &mut body, key, previous)
+                .await;
+            let reason = self.retry_reason(&attempt, may_resend);
+            // A retry holds one place in the budget, from its backoff to its answer.
+            _place = None;
+            let place = reason.filter(|_| !last).and_then(|reason| {
+                let place = self.retries.try_place();
+                let counted = if place.is_some() {
+                    reason.as_str()
+                } else {
+                    "budget_exhausted"
+                };
+                self.metrics.retry(counted);
+                place
+            });
+            let Some(place) = place else {
+                return attempt
+                    .map(|(response, target)| (response, self.lease(slot, target, in_flight)))
+                    .map_err(|(err, _)| err);
+            };
+            previous = match attempt {
+                Ok((_, target)) => Some(target.index()),
+                Err((_, target)) => target,
+            };
+            _place = Some(place);
+            tokio::time::sleep(self.retries.backoff(retry + 1)).await;
+        }
+        unreachable!("the loop returns on its last try")
+    }
+
+    /// Sends one try to a target picked by the balancer, avoiding `previous`.
+    async fn attempt(
+        &self,
+        parts: &Parts,
+        headers: HeaderMap,
+        body: &mut Replay,
+        key: Option<u64>,
+        previous: Option<usize>,
+    ) -> Attempt {
+        let index = (self.balancer.pick(&self.targets, key, previous))
+            .ok_or((UpstreamError::NoHealthyTarget, None))?;
+        let permit = match &self.breaker {
+            Some(breaker) => Some(
+                breaker
+                    .admit()
+                    .map_err(|_| (UpstreamError::CircuitOpen, None))?,
+            ),
+            None => None,
+        };
+        let lease = self.targets.lease(index);
+        let target = &lease.target().authority;
+        let body = body.next().ok_or_else(|| {
+            let err = UpstreamError::ClientBody("the request body was sent already".into());
+            (err, None)
+        })?;
+        let request = attempt_request(parts, headers, target, body);
+
+        let outcome = match self.try_timeout {
+            Some(limit) => match tokio::time::timeout(limit, self.client.request(request)).await {
+                Ok(result) => result.map_err(|err| classify(&err, target)),
+                Err(_) => Err(UpstreamError::Timeout {
+                    target: target.clone(),
+                    after: limit,
+                }),
+            },
+            None => (self.client.request(request).await).map_err(|err| classify(&err, target)),
+        };
+        let failed = match &outcome {
+            Ok(response) => {
+                let status = response.status();
+                self.metrics.attempt(status.as_str());
+                Some(status.is_server_error())
+            }
+            Err(err) => {
+                let (label, failed) = judge(err);
+                self.metrics.attempt(label);
+                failed
+            }
+        };
+        if let Some(failed) = failed {
+            self.targets.record(index, failed);
+            if let Some(permit) = permit {
+                permit.record(failed);
+            }
+        }
+        match outcome {
+            Ok(response) => Ok((response, lease)),
+            Err(err) => Err((err, Some(index))),
+        }
+    }
+
+    /// Why this try should be sent again, if it should.
+    fn retry_reason(&self, attempt: &Attempt, may_resend: bool) -> Option<Reason> {
+        let reason = match attempt {
+            Ok((response, _)) if self.retries.retries_status(response.status()) => Reason::Status,
+            Ok(_) => return None,
+            Err((UpstreamError::Connect { .. }, _)) => return Some(Reason::ConnectFailed),
+            Err((UpstreamError::Reset { .. }, _)) => Reason::Reset,
+            Err((UpstreamError::Timeout { .. }, _)) => Reason::Timeout,
+            Err(_) => return None,
+        };
+        may_resend.then_some(reason)
+    }
+
+    fn lease(&self, slot: Slot, target: TargetLease, in_flight: InFlight) -> Lease {
+        Lease {
+            _slot: slot,
+            _target: target,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("targets", &self.targets.list)
+            .finish()
+    }
+}
+
+fn client(settings: &config::Upstream) -> Client<HttpConnector, RequestBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(settings.connect_timeout_ms));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(settings.idle_timeout_ms)
+        .build(connector)
+}
+
+fn attempt_request(
+    parts: &Parts,
+    headers: HeaderMap,
+    target: &Authority,
+    body: RequestBody,
+) -> Request<RequestBody> {
+    let path = (parts.uri.path_and_query().cloned()).unwrap_or(PathAndQuery::from_static("/"));
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = target_uri(target, path);
+    // The pool speaks HTTP/1.1 to upstreams whatever the client spoke to the gateway.
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
+}
+
+fn target_uri(target: &Authority, path: PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(target.clone());
+    parts.path_and_query = Some(path);
+    // NB: scheme, authority and path are each valid, so the URI is too.
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+/// The metric label of a failed try, and whether it counts as the target failing (`None`
+/// when the client, not the target, is to blame).
+fn judge(err: &UpstreamError) -> (&'static str, Option<bool>) {
+    match err {
+        UpstreamError::Connect {
+            timed_out: true, ..
+        } => ("connect_timeout", Some(true)),
+        UpstreamError::Connect { .. } => ("connect_failed", Some(true)),
+        UpstreamError::Reset { .. } => ("reset", Some(true)),
+        UpstreamError::Timeout { .. } => ("timeout", Some(true)),
+        UpstreamError::Response { .. } => ("bad_response", Some(true)),
+        _ => ("client_error", None),
+    }
+}
+
+/// Sorts a failed try by what went wrong and whose doing it was.
+fn classify(err: &hyper_util::client::legacy::Error, target: &Authority) -> UpstreamError {
+    let target = target.clone();
+    let cause = root_cause(err);
+    if caused_by::<LengthLimitError>(err) {
+        UpstreamError::BodyTooLarge
+    } else if causes(err).any(is_body_error) {
+        // The body being sent failed: that is the client's doing, not the upstream's.
+        UpstreamError::ClientBody(cause)
+    } else if err.is_connect() {
+        let timed_out = causes(err)
+            .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        UpstreamError::Connect {
+            target,
+            cause,
+            timed_out,
+        }
+    } else if causes(err).any(is_reset) {
+        UpstreamError::Reset { target, cause }
+    } else {
+        UpstreamError::Response { target, cause }
+    }
+}
+
+fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |&err| err.source())
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    causes(err)
+        .last()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    causes(err).any(|cause| cause.is::<E>())
+}
+
+fn is_body_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_user)
+}
+
+/// The connection ended before an answer: closed, reset, or cut mid-way.
+fn is_reset(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if let Some(err) = err.downcast_ref::<hyper::Error>() {
+        return err.is_incomplete_message() || err.is_canceled() || err.is_closed();
+    }
+    err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        )
+    })
+}
