@@ -108,3 +108,16 @@ async fn the_quickstart_config_is_valid() {
         .await
         .expect("the quickstart config loads");
 }
+
+#[tokio::test]
+async fn the_resilience_example_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/resilience/sluice.toml");
+    let config = Config::load(&path).expect("the resilience example parses");
+    let api = &config.upstreams[0];
+    assert!(api.health_check.is_some() && api.circuit_breaker.is_some());
+    assert!(api.outlier_detection.is_some() && api.try_timeout_ms.is_some());
+    gateway::check(&config)
+        .await
+        .expect("the resilience example loads");
+}

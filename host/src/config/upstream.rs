@@ -56,11 +56,15 @@ pub struct Upstream {
 )]
 pub enum Target {
     Address(String),
-    Weighted {
-        address: String,
-        #[serde(default = "defaults::weight")]
-        weight: u32,
-    },
+    Weighted(WeightedTarget),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedTarget {
+    pub address: String,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -272,14 +276,14 @@ impl CircuitBreaker {
 impl Target {
     pub fn address(&self) -> &str {
         match self {
-            Target::Address(address) | Target::Weighted { address, .. } => address,
+            Target::Address(address) | Target::Weighted(WeightedTarget { address, .. }) => address,
         }
     }
 
     pub fn weight(&self) -> u32 {
         match self {
             Target::Address(_) => 1,
-            Target::Weighted { weight, .. } => *weight,
+            Target::Weighted(target) => target.weight,
         }
     }
 }
@@ -310,7 +314,8 @@ mod defaults {
         Duration::from_secs(2)
     }
     pub fn idle_timeout() -> Duration {
-        Duration::from_secs(30)
+        // Below the shortest keep-alive timeout in common use (Node.js: 5 s).
+        Duration::from_secs(4)
     }
     pub fn max_in_flight() -> u32 {
         512
