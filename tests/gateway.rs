@@ -13,10 +13,7 @@ use crate::TestUpstream;
 ///
 /// `cargo xtask test` builds them before the tests run.
 pub fn plugin_path(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target
+    let path = target_dir()
         .join("wasm32-wasip2/plugin")
         .join(format!("{name}.wasm"));
     assert!(
@@ -25,6 +22,13 @@ pub fn plugin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The workspace's target folder.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// A running gateway; stopped when dropped.

@@ -4,8 +4,10 @@
 pub mod client;
 pub mod faulty;
 pub mod gateway;
+pub mod llmock;
+pub mod process;
 pub mod upstream;
 
 pub use client::{Reply, get, send, send_raw};
-pub use gateway::{TestGateway, plugin_path};
+pub use gateway::{TestGateway, plugin_path, target_dir};
 pub use upstream::{Recorded, TestUpstream};

@@ -22,7 +22,14 @@ fn router(routes: usize) -> Router {
         let text =
             format!("name = \"r{i}\"\n{host}path_prefix = \"/svc{i}/v1\"\nupstream = \"app\"\n");
         let settings: config::Route = toml::from_str(&text).expect("valid route");
-        Route::new(&settings, upstream.clone(), Vec::new(), None, &metrics)
+        Route::new(
+            &settings,
+            upstream.clone(),
+            Vec::new(),
+            None,
+            None,
+            &metrics,
+        )
     });
     Router::new(routes.collect())
 }

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod llm;
 mod upstream;
+
+pub use llm::{Consumer, Deployment, Llm, Model, Provider};
 
 pub use upstream::{
     CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection, Retry, Target, Upstream,
@@ -130,6 +133,9 @@ pub struct Route {
     /// on this route; only for handlers that tolerate a request arriving twice.
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Makes the route an LLM route: token budgets, model deployments and failover.
+    #[serde(default)]
+    pub llm: Option<Llm>,
     /// Time from admission to the response headers (policies, upstream attempts and their
     /// retries); then 504.
     #[serde(default = "defaults::request_timeout", with = "millis")]
@@ -273,6 +279,9 @@ impl Route {
         }
         if self.max_in_flight == 0 {
             problems.push(format!("route `{name}`: max_in_flight must be at least 1"));
+        }
+        if let Some(llm) = &self.llm {
+            llm.check(name, upstreams, problems);
         }
         if !self.path_prefix.starts_with('/') {
             problems.push(format!("route `{name}`: path_prefix must start with `/`"));

@@ -16,6 +16,7 @@ use sluice_ratelimit::Buckets;
 
 use crate::admission::Gate;
 use crate::config::{self, Config, ConfigError};
+use crate::llm::LlmRoute;
 use crate::metrics::Metrics;
 use crate::plugin::{Plugin, Runtime, digest};
 use crate::proxy::{Route, Router};
@@ -229,7 +230,9 @@ async fn build_snapshot(
             .map(|name| plugins[name].clone())
             .collect();
         let admission = previous.as_ref().and_then(|p| p.admission(route));
-        Route::new(route, upstream, policies, admission, metrics)
+        let llm = (route.llm.as_ref())
+            .map(|llm| LlmRoute::new(&route.name, llm, &upstreams, metrics.llm()));
+        Route::new(route, upstream, policies, admission, llm, metrics)
     });
     Ok(Snapshot {
         generation,

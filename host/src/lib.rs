@@ -10,6 +10,7 @@ pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod gateway;
+pub mod llm;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;

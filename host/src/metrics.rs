@@ -36,6 +36,7 @@ pub struct Metrics {
     circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
     pub connections_active: IntGauge,
+    llm: LlmMetrics,
     plugin_compile: Histogram,
     reloads: IntCounterVec,
     generation: IntGauge,
@@ -69,6 +70,26 @@ pub struct UpstreamMetrics {
     pub circuit_state: IntGauge,
     circuit_transitions: IntCounterVec,
 }
+
+/// Metrics of LLM routes, named after the OpenTelemetry GenAI conventions where one exists.
+#[derive(Debug, Clone)]
+pub struct LlmMetrics {
+    token_usage: HistogramVec,
+    time_to_first_token: HistogramVec,
+    time_per_output_token: HistogramVec,
+    request_duration: HistogramVec,
+    pub reserved: IntGaugeVec,
+    pub remaining: IntGaugeVec,
+    shed: IntCounterVec,
+    unparsed: IntCounterVec,
+    failovers: IntCounterVec,
+}
+
+/// Buckets for token counts, as the GenAI conventions advise: 1 to 67 million, by fours.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
 
 /// One plugin's metrics, with labels resolved once at load time.
 #[derive(Clone)]
@@ -189,6 +210,7 @@ impl Metrics {
                 "Client connections closed by the gateway before a request was read, by reason.",
                 &["reason"],
             ),
+            llm: LlmMetrics::new(&registry),
             plugin_compile: {
                 let opts = HistogramOpts::new(
                     "sluice_plugin_compile_seconds",
@@ -337,6 +359,11 @@ impl Metrics {
         }
     }
 
+    /// The metrics of LLM routes.
+    pub fn llm(&self) -> &LlmMetrics {
+        &self.llm
+    }
+
     /// The metrics of one plugin.
     pub fn plugin(&self, name: &str) -> PluginMetrics {
         PluginMetrics {
@@ -360,6 +387,132 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+// === impl LlmMetrics ===
+
+impl LlmMetrics {
+    fn new(registry: &Registry) -> LlmMetrics {
+        let model = &["gen_ai_request_model", "gen_ai_provider_name"];
+        LlmMetrics {
+            token_usage: histogram(
+                registry,
+                "gen_ai_client_token_usage",
+                "Tokens used by one LLM request, by token type (input or output), requested \
+                 model and provider.",
+                &[
+                    "gen_ai_token_type",
+                    "gen_ai_request_model",
+                    "gen_ai_provider_name",
+                ],
+                TOKEN_BUCKETS,
+            ),
+            time_to_first_token: histogram(
+                registry,
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time from sending an LLM request upstream to the first piece of its answer.",
+                model,
+                DURATION_BUCKETS,
+            ),
+            time_per_output_token: histogram(
+                registry,
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per output token after the first, in a streamed LLM answer.",
+                model,
+                DURATION_BUCKETS,
+            ),
+            request_duration: histogram(
+                registry,
+                "gen_ai_server_request_duration_seconds",
+                "Time from sending an LLM request upstream to the end of its answer.",
+                model,
+                DURATION_BUCKETS,
+            ),
+            reserved: gauge(
+                registry,
+                "sluice_llm_reserved_tokens",
+                "Tokens reserved by LLM requests in flight, by route.",
+                &["route"],
+            ),
+            remaining: gauge(
+                registry,
+                "sluice_llm_upstream_remaining_tokens",
+                "Tokens a deployment has left, from its provider's rate-limit headers, less \
+                 what requests in flight have reserved.",
+                &["deployment"],
+            ),
+            shed: counter(
+                registry,
+                "sluice_llm_shed_total",
+                "LLM requests answered 429 before reaching a provider, by reason \
+                 (consumer_budget, provider_budget).",
+                &["reason"],
+            ),
+            unparsed: counter(
+                registry,
+                "sluice_llm_unparsed_requests_total",
+                "LLM requests whose body could not be read as JSON with a model; they pass \
+                 through unchanged.",
+                &["route"],
+            ),
+            failovers: counter(
+                registry,
+                "sluice_llm_failovers_total",
+                "LLM requests moved off a deployment before the first byte, by deployment and \
+                 reason.",
+                &["deployment", "reason"],
+            ),
+        }
+    }
+
+    pub fn shed(&self, reason: &str) {
+        self.shed.with_label_values(&[reason]).inc();
+    }
+
+    pub fn unparsed(&self, route: &str) {
+        self.unparsed.with_label_values(&[route]).inc();
+    }
+
+    pub fn failover(&self, deployment: &str, reason: &str) {
+        self.failovers
+            .with_label_values(&[deployment, reason])
+            .inc();
+    }
+
+    /// Records a finished LLM answer: token counts and timings.
+    pub fn answered(&self, model: &str, provider: &str, usage: LlmUsage) {
+        let labels = [model, provider];
+        for (kind, tokens) in [("input", usage.input), ("output", usage.output)] {
+            if let Some(tokens) = tokens {
+                self.token_usage
+                    .with_label_values(&[kind, model, provider])
+                    .observe(tokens as f64);
+            }
+        }
+        if let Some(first) = usage.first_token {
+            self.time_to_first_token
+                .with_label_values(&labels)
+                .observe(first.as_secs_f64());
+            if let Some(output) = usage.output.filter(|&n| n > 1) {
+                let rest = usage.duration.saturating_sub(first).as_secs_f64();
+                self.time_per_output_token
+                    .with_label_values(&labels)
+                    .observe(rest / (output - 1) as f64);
+            }
+        }
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(usage.duration.as_secs_f64());
+    }
+}
+
+/// What one LLM answer used and how long it took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlmUsage {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    pub first_token: Option<std::time::Duration>,
+    pub duration: std::time::Duration,
 }
 
 // === impl UpstreamMetrics ===

@@ -21,7 +21,7 @@ use std::time::Duration;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri, Version};
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::LengthLimitError;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -33,8 +33,8 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 
 use balance::Balancer;
 use breaker::Breaker;
-pub use retry::RequestBody;
 use retry::{InFlight, Reason, Replay, Retries};
+pub use retry::{Outgoing, RequestBody};
 use target::{TargetLease, Targets};
 
 /// A named group of servers sharing one keep-alive connection pool and one bulkhead.
@@ -127,7 +127,7 @@ impl Upstream {
     /// requests that are not idempotent be retried after they were sent.
     pub async fn send(
         &self,
-        request: Request<Limited<Incoming>>,
+        request: Request<Outgoing>,
         client: IpAddr,
         resend_any_method: bool,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {

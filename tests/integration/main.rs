@@ -3,6 +3,7 @@
 //! policies first.
 
 mod check;
+mod llm;
 mod overload;
 mod policies;
 mod proxy;

@@ -7,6 +7,7 @@
 mod bench;
 mod cargo;
 mod demo;
+mod llmock;
 mod plugins;
 
 use std::path::{Path, PathBuf};
@@ -21,7 +22,9 @@ usage: cargo xtask <command>
 
 commands:
   build-plugins   build every policy and test guest for wasm32-wasip2 (profile `plugin`)
-  test [ARGS]     build the plugins, then `cargo test --workspace [ARGS]`
+  test [ARGS]     build the plugins and the gateway, install llmock (the mock LLM provider),
+                  then `cargo test --workspace [ARGS]`
+  llmock          install llmock into target/llmock-venv (`test` does this when needed)
   demo            run the quickstart gateway in front of a local echo upstream
   bench [ARGS]    benchmark Sluice side by side with nginx (`bench/bench.sh help`)";
 
@@ -49,6 +52,11 @@ fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "test" => test(root, args),
+        "llmock" => {
+            no_arguments(command, args)?;
+            println!("{}", llmock::ensure(root)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
         "demo" => {
             no_arguments(command, args)?;
             demo::run(root)
@@ -62,14 +70,18 @@ fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
     }
 }
 
-/// `cargo xtask test`: the workspace tests need the plugins, which `cargo test` cannot build.
-/// Exits with the status of `cargo test`, so CI sees its failure as it is.
+/// `cargo xtask test`: the workspace tests need the plugins, which `cargo test` cannot build,
+/// the gateway binary (some tests run it as its own process to measure its memory), and the
+/// mock LLM provider. Exits with the status of `cargo test`, so CI sees its failure as it is.
 fn test(root: &Path, args: &[String]) -> Result<ExitCode> {
     plugins::build(root)?;
+    cargo::run(cargo::cargo(root).args(["build", "-p", "sluice", "--bin", "sluice"]))?;
+    let llmock = llmock::ensure(root)?;
 
     let status = cargo::cargo(root)
         .args(["test", "--workspace"])
         .args(args)
+        .env("SLUICE_LLMOCK", llmock)
         .status()
         .map_err(|err| format!("cannot run cargo: {err}"))?;
     Ok(exit_code(status))

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -19,12 +19,13 @@ use super::{Body, Route};
 use crate::admission::Refused;
 use crate::config::OnError;
 use crate::gateway::Snapshot;
+use crate::llm::LlmError;
 use crate::metrics::Metrics;
 use crate::plugin::{
     Header, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
     apply_header_changes, direct_response, rewrite_path,
 };
-use crate::upstream::{Lease, UpstreamError};
+use crate::upstream::{Lease, Outgoing, UpstreamError};
 
 /// What the request phase of a route's policies decided.
 #[expect(
@@ -47,6 +48,22 @@ enum Rejection {
     RequestTimeout,
     BodyTooLarge,
     Upstream(UpstreamError),
+    /// An LLM request over its consumer's or its providers' budget; retry after this long.
+    TokenBudget(&'static str, Duration),
+    ClientBody(String),
+}
+
+impl From<LlmError> for Rejection {
+    fn from(err: LlmError) -> Self {
+        match err {
+            LlmError::ConsumerBudget(wait) => Rejection::TokenBudget("consumer_budget", wait),
+            LlmError::ProviderBudget(wait) => Rejection::TokenBudget("provider_budget", wait),
+            LlmError::BodyTooLarge => Rejection::BodyTooLarge,
+            LlmError::ClientBody(err) => Rejection::ClientBody(err),
+            LlmError::Upstream(UpstreamError::BodyTooLarge) => Rejection::BodyTooLarge,
+            LlmError::Upstream(err) => Rejection::Upstream(err),
+        }
+    }
 }
 
 /// Serves one request with the configuration snapshot it arrived under.
@@ -137,15 +154,24 @@ async fn proxy(
         }
     };
 
-    let body = Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX));
-    let request = Request::from_parts(parts, body);
-    let upstream = (route.upstream)
-        .send(request, client.ip(), route.retry_non_idempotent)
-        .await;
-    let (response, lease) = upstream.map_err(|err| match err {
-        UpstreamError::BodyTooLarge => Rejection::BodyTooLarge,
-        err => Rejection::Upstream(err),
-    })?;
+    let (response, lease) = match &route.llm {
+        Some(llm) if llm.applies(&parts) => {
+            let sent = llm.forward(&route.name, &route.upstream, parts, body, client.ip());
+            sent.await.map_err(Rejection::from)?
+        }
+        _ => {
+            let body = Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX));
+            let request = Request::from_parts(parts, Outgoing::Streamed(body));
+            let upstream = (route.upstream)
+                .send(request, client.ip(), route.retry_non_idempotent)
+                .await;
+            let (response, lease) = upstream.map_err(|err| match err {
+                UpstreamError::BodyTooLarge => Rejection::BodyTooLarge,
+                err => Rejection::Upstream(err),
+            })?;
+            (response.map(|body| body.map_err(Into::into).boxed()), lease)
+        }
+    };
     Ok((response_phase(route, &head, response).await, Some(lease)))
 }
 
@@ -190,7 +216,7 @@ async fn request_phase(route: &Route, mut parts: Parts, client: SocketAddr) -> O
 async fn response_phase(
     route: &Route,
     request: &RequestHead,
-    response: Response<Incoming>,
+    response: Response<Body>,
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -212,7 +238,7 @@ async fn response_phase(
             return response;
         }
     }
-    Response::from_parts(parts, body.map_err(Into::into).boxed())
+    Response::from_parts(parts, body)
 }
 
 fn apply_request_changes(
@@ -255,7 +281,7 @@ impl Rejection {
         let (status, reason) = self.status_and_reason();
         metrics.rejected(&route.name, reason);
         match &self {
-            Rejection::Upstream(UpstreamError::ClientBody(err)) => {
+            Rejection::Upstream(UpstreamError::ClientBody(err)) | Rejection::ClientBody(err) => {
                 tracing::debug!(route = &*route.name, reason, "client body failed: {err}");
             }
             Rejection::Upstream(err) => {
@@ -264,6 +290,12 @@ impl Rejection {
             _ => tracing::debug!(route = &*route.name, reason, "request rejected"),
         }
         let mut response = error_response(status, reason);
+        if let Rejection::TokenBudget(_, wait) = &self {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Every 503 the gateway makes is about load that passes: ask clients to come back.
             response
@@ -279,6 +311,8 @@ impl Rejection {
             Rejection::QueueTimeout => (StatusCode::SERVICE_UNAVAILABLE, "queue_timeout"),
             Rejection::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Rejection::TokenBudget(reason, _) => (StatusCode::TOO_MANY_REQUESTS, reason),
+            Rejection::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
             Rejection::Upstream(err) => match err {
                 UpstreamError::Saturated(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")

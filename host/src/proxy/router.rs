@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::Gate;
+use crate::llm::LlmRoute;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::plugin::Plugin;
 use crate::upstream::Upstream;
@@ -19,6 +20,8 @@ pub struct Route {
     pub request_timeout: Duration,
     /// Whether the upstream may retry this route's requests whatever their method.
     pub retry_non_idempotent: bool,
+    /// Token budgets and model deployments, for an LLM route.
+    pub llm: Option<LlmRoute>,
     /// The route's in-flight slots and wait queue; kept across reloads that leave its limits
     /// unchanged.
     pub admission: Arc<Gate>,
@@ -46,6 +49,7 @@ impl Route {
         upstream: Arc<Upstream>,
         policies: Vec<Arc<Plugin>>,
         admission: Option<Arc<Gate>>,
+        llm: Option<LlmRoute>,
         metrics: &Metrics,
     ) -> Route {
         let metrics = metrics.route(&settings.name, settings.max_queued);
@@ -65,6 +69,7 @@ impl Route {
             policies,
             request_timeout: settings.request_timeout_ms,
             retry_non_idempotent: settings.retry_non_idempotent,
+            llm,
             admission,
             metrics,
         }

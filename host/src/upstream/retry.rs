@@ -17,6 +17,14 @@ use crate::config;
 /// size limit), or held whole so that it can be sent again.
 pub type RequestBody = Either<Limited<Incoming>, Full<Bytes>>;
 
+/// A request body as handed to the upstream: still streaming from the client, or read whole
+/// by the gateway already.
+#[derive(Debug)]
+pub enum Outgoing {
+    Streamed(Limited<Incoming>),
+    Whole(Bytes),
+}
+
 /// An upstream's retry settings and budget.
 #[derive(Debug)]
 pub struct Retries {
@@ -119,11 +127,11 @@ impl Retries {
 
     /// The body to send on each attempt: held whole when it is empty, or when the request
     /// may be resent and the body is small enough to hold; streamed otherwise.
-    pub async fn replay(
-        &self,
-        body: Limited<Incoming>,
-        may_resend: bool,
-    ) -> Result<Replay, UpstreamError> {
+    pub async fn replay(&self, body: Outgoing, may_resend: bool) -> Result<Replay, UpstreamError> {
+        let body = match body {
+            Outgoing::Whole(bytes) => return Ok(Replay::Held(bytes)),
+            Outgoing::Streamed(body) => body,
+        };
         if body.is_end_stream() {
             return Ok(Replay::Held(Bytes::new()));
         }

@@ -1,0 +1,174 @@
+//! `[routes.llm]`: a route that serves LLM APIs (OpenAI chat completions and Responses,
+//! Anthropic messages) with token budgets, provider deployments and failover.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::millis;
+
+/// What makes a route an LLM route.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Llm {
+    /// The largest request body read to find the model and output cap; larger ones get 413.
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: u64,
+    /// The output cap assumed for a request that sets none.
+    #[serde(default = "defaults::default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// Whose token budget a request spends: `"client_address"` or `{ header = "x-api-key" }`.
+    #[serde(default)]
+    pub consumer: Consumer,
+    /// Tokens each consumer may spend per minute on each model; absent for no limit.
+    #[serde(default)]
+    pub consumer_tokens_per_minute: Option<u64>,
+    /// Time from sending the request to the first byte of the response body.
+    #[serde(default = "defaults::first_byte_timeout", with = "millis")]
+    pub first_byte_timeout_ms: Duration,
+    /// The longest pause between two pieces of a streamed response.
+    #[serde(default = "defaults::idle_timeout", with = "millis")]
+    pub idle_timeout_ms: Duration,
+    /// How long a request may wait for a deployment with budget left; then 429.
+    #[serde(default = "defaults::budget_wait", with = "millis")]
+    pub budget_wait_ms: Duration,
+    /// Public model names and the deployments that serve them. A request for a model not
+    /// listed goes to the route's `upstream` unchanged.
+    #[serde(default)]
+    pub models: Vec<Model>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Consumer {
+    #[default]
+    ClientAddress,
+    Header(String),
+}
+
+/// A public model name and its deployments.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    pub name: String,
+    pub deployments: Vec<Deployment>,
+}
+
+/// One place a model is served: an upstream, the provider's name for the model, and the
+/// credential to send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// Names the deployment in metrics and logs; defaults to `upstream/model`.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub upstream: String,
+    /// The model name the provider knows.
+    pub model: String,
+    #[serde(default)]
+    pub provider: Provider,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+    /// Environment variable holding the API key, sent as the provider expects it
+    /// (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic) in place of the
+    /// client's. Without it the client's credential passes through.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// How long a deployment is left alone after a 429, 5xx or failed connect that gave no
+    /// `Retry-After`.
+    #[serde(default = "defaults::cooldown", with = "millis")]
+    pub cooldown_ms: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    #[default]
+    Openai,
+    Anthropic,
+}
+
+// === impl Llm ===
+
+impl Llm {
+    pub(super) fn check(&self, route: &str, upstreams: &HashSet<&str>, problems: &mut Vec<String>) {
+        let mut names = HashSet::new();
+        for model in &self.models {
+            if !names.insert(model.name.as_str()) {
+                problems.push(format!(
+                    "route `{route}`: model `{}` is listed twice",
+                    model.name
+                ));
+            }
+            if model.deployments.is_empty() {
+                problems.push(format!(
+                    "route `{route}`: model `{}` has no deployments",
+                    model.name
+                ));
+            }
+            for deployment in &model.deployments {
+                if !upstreams.contains(deployment.upstream.as_str()) {
+                    problems.push(format!(
+                        "route `{route}`: model `{}`: unknown upstream `{}`",
+                        model.name, deployment.upstream
+                    ));
+                }
+                if deployment.weight == 0 {
+                    problems.push(format!(
+                        "route `{route}`: model `{}`: weights must be at least 1",
+                        model.name
+                    ));
+                }
+            }
+        }
+        if self.consumer_tokens_per_minute == Some(0) {
+            problems.push(format!(
+                "route `{route}`: consumer_tokens_per_minute must be above zero"
+            ));
+        }
+    }
+}
+
+impl Deployment {
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", self.upstream, self.model))
+    }
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn max_request_bytes() -> u64 {
+        1 << 20
+    }
+    pub fn default_max_tokens() -> u64 {
+        1024
+    }
+    pub fn first_byte_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn budget_wait() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn cooldown() -> Duration {
+        Duration::from_secs(10)
+    }
+}
