@@ -37,6 +37,11 @@ use deployment::{Deployment, retry_after};
 use request::{Api, LlmRequest};
 use stream::{Account, Metered};
 
+/// A request header through which a policy may replace the gateway's token estimate for an
+/// LLM request. A client's own is removed before the policies run, and the header is never
+/// sent upstream.
+pub const ESTIMATE_HEADER: &str = "x-sluice-llm-estimate";
+
 /// An LLM route's settings, its models' deployments and its consumers' budgets.
 #[derive(Debug)]
 pub struct LlmRoute {
@@ -126,6 +131,8 @@ impl LlmRoute {
         body: Incoming,
         client: IpAddr,
     ) -> Result<(Response<Body>, Lease), LlmError> {
+        let mut parts = parts;
+        let replaced = parts.headers.remove(ESTIMATE_HEADER);
         let bytes = self.read_body(body).await?;
         let api = Api::of_path(parts.uri.path());
         let parsed = api.and_then(|api| LlmRequest::parse(api, &bytes));
@@ -137,7 +144,9 @@ impl LlmRoute {
             return pass_through(fallback, parts, bytes, client).await;
         };
 
-        let estimate = llm.estimate(self.settings.default_max_tokens);
+        let estimate = replaced
+            .and_then(|value| value.to_str().ok()?.trim().parse().ok())
+            .unwrap_or_else(|| llm.estimate(self.settings.default_max_tokens));
         let charge = self.reserve(&parts, client, &llm.model, estimate)?;
         let pending = Pending {
             parts,

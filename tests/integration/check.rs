@@ -121,3 +121,14 @@ async fn the_resilience_example_is_valid() {
         .await
         .expect("the resilience example loads");
 }
+
+#[tokio::test]
+async fn the_llm_example_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/llm/sluice.toml");
+    let config = Config::load(&path).expect("the LLM example parses");
+    let llm = config.routes[0].llm.as_ref().expect("an LLM route");
+    assert_eq!(llm.models.len(), 2);
+    gateway::check(&config)
+        .await
+        .expect("the LLM example loads");
+}

@@ -352,3 +352,65 @@ async fn a_slow_first_token_then_2000_events_pass_with_flat_gateway_memory() {
     let growth = gateway.rss_bytes().saturating_sub(before);
     assert!(growth < 5 << 20, "gateway memory grew by {growth} bytes");
 }
+
+#[tokio::test]
+async fn a_policy_may_replace_the_token_estimate_and_a_client_may_not() {
+    let mock = Llmock::start(&[]).await;
+    let plain = fragment(
+        &[("mock", &mock)],
+        "consumer_tokens_per_minute = 100",
+        &[("public", &["mock"])],
+    );
+    let with_policy = plain.replace(
+        "upstream = \"mock\"\n[routes.llm]",
+        "upstream = \"mock\"\npolicies = [\"estimate\"]\n[routes.llm]",
+    ) + "[[plugins]]\nname = \"estimate\"\npath = \"{plugin:transform}\"\n\
+         [plugins.config.request]\nset = { \"x-sluice-llm-estimate\" = \"90\" }\n";
+    let app = TestUpstream::start().await;
+    // About 60 tokens each without a policy: one fits in 100, whatever the client claims.
+    let body = json!({ "model": "public", "max_tokens": 40, "messages": [] });
+    let claiming_little = |url: &str| {
+        let mut request = chat(url, body.clone());
+        request
+            .headers_mut()
+            .insert("x-sluice-llm-estimate", "1".parse().expect("valid"));
+        request
+    };
+
+    let gateway = TestGateway::start(&app, &plain).await;
+    let url = gateway.url("/v1/chat/completions");
+    assert_eq!(send(claiming_little(&url)).await.status, StatusCode::OK);
+    mock.script(json!([{ "type": "delay", "seconds": 1 }]))
+        .await;
+    let (slow, second) = tokio::join!(send(claiming_little(&url)), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(claiming_little(&url)).await
+    });
+    assert_eq!(
+        slow.status,
+        StatusCode::OK,
+        "settled usage made room for one more"
+    );
+    assert_eq!(
+        second.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the client's claim is ignored"
+    );
+
+    let gateway = TestGateway::start(&app, &with_policy).await;
+    let url = gateway.url("/v1/chat/completions");
+    mock.script(json!([{ "type": "delay", "seconds": 1 }]))
+        .await;
+    let (first, second) = tokio::join!(send(chat(&url, body.clone())), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(chat(&url, body.clone())).await
+    });
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        second.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the policy's 90 leaves 10"
+    );
+    let sent = mock.journal().await;
+    assert!(sent.len() >= 3);
+}

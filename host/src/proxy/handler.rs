@@ -142,6 +142,10 @@ async fn proxy(
         parts.headers.insert(header::HOST, host.clone());
     }
     strip_hop_by_hop(&mut parts.headers);
+    if route.llm.is_some() {
+        // Only the route's policies may replace the token estimate.
+        parts.headers.remove(crate::llm::ESTIMATE_HEADER);
+    }
     set_forwarded(&mut parts.headers, client.ip(), host.as_ref());
 
     let (parts, head) = match request_phase(route, parts, client).await {
