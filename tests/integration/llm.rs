@@ -414,3 +414,44 @@ async fn a_policy_may_replace_the_token_estimate_and_a_client_may_not() {
     let sent = mock.journal().await;
     assert!(sent.len() >= 3);
 }
+
+#[tokio::test]
+async fn anthropic_messages_and_responses_streams_are_metered_from_their_usage_events() {
+    let mock = Llmock::start(&[]).await;
+    let app = TestUpstream::start().await;
+    let fragment = format!(
+        "[[upstreams]]\nname = \"mock\"\ntargets = [\"{}\"]\n\
+         [[routes]]\nname = \"llm\"\npath_prefix = \"/\"\nupstream = \"mock\"\n[routes.llm]\n\
+         [[routes.llm.models]]\nname = \"claude\"\n\
+         deployments = [{{ upstream = \"mock\", model = \"claude-x\", provider = \"anthropic\" }}]\n\
+         [[routes.llm.models]]\nname = \"public\"\n\
+         deployments = [{{ upstream = \"mock\", model = \"gpt-4o-mini\" }}]\n",
+        mock.addr
+    );
+    let gateway = TestGateway::start(&app, &fragment).await;
+
+    let messages = json!({ "model": "claude", "stream": true, "max_tokens": 50,
+        "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, events) = stream(&gateway.url("/anthropic/v1/messages"), messages).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        events.iter().any(|(_, e)| e.contains("message_stop")),
+        "{events:?}"
+    );
+    let responses = json!({ "model": "public", "stream": true, "input": "hi" });
+    let (status, events) = stream(&gateway.url("/v1/responses"), responses).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(events.iter().any(|(_, e)| e.contains("response.completed")));
+
+    let metrics = gateway.metrics().await;
+    for (provider, model) in [("anthropic", "claude"), ("openai", "public")] {
+        let series = format!(
+            "gen_ai_client_token_usage_sum{{gen_ai_provider_name=\"{provider}\",\
+             gen_ai_request_model=\"{model}\",gen_ai_token_type=\"output\"}}"
+        );
+        assert!(metric(&metrics, &series) > 0.0, "{series}\n{metrics}");
+    }
+    let sent = mock.journal().await;
+    assert_eq!(sent[0]["body"]["model"], "claude-x");
+    assert_eq!(sent[1]["body"]["model"], "gpt-4o-mini");
+}
