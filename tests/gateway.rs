@@ -160,3 +160,11 @@ targets = ["{}"]
         upstream.addr
     )
 }
+
+/// The value of the metric line that starts with `series` (name and labels) in Prometheus
+/// text, or 0 when there is none.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

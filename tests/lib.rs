@@ -9,5 +9,5 @@ pub mod process;
 pub mod upstream;
 
 pub use client::{Reply, get, send, send_raw};
-pub use gateway::{TestGateway, plugin_path, target_dir};
+pub use gateway::{TestGateway, metric, plugin_path, target_dir};
 pub use upstream::{Recorded, TestUpstream};

@@ -177,6 +177,41 @@ impl<'a> Previous<'a> {
         }
     }
 
+    /// The LLM state (consumer budgets, deployments' standing) of the route of the same name,
+    /// if its settings and every upstream its deployments use are unchanged.
+    fn llm(
+        &self,
+        route: &config::Route,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+    ) -> Option<Arc<LlmRoute>> {
+        let old = self
+            .snapshot
+            .router
+            .routes()
+            .find(|r| *r.name == *route.name)?;
+        let old_settings = self
+            .snapshot
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == route.name)?;
+        let settings = route.llm.as_ref()?;
+        let same_upstreams = settings
+            .models
+            .iter()
+            .flat_map(|m| &m.deployments)
+            .all(|d| {
+                let (before, now) = (
+                    self.snapshot.upstreams.get(&d.upstream),
+                    upstreams.get(&d.upstream),
+                );
+                before.zip(now).is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+            });
+        (old_settings.llm.as_ref() == Some(settings) && same_upstreams)
+            .then(|| old.llm.clone())
+            .flatten()
+    }
+
     /// The admission gate of the route of the same name, if its limits did not change, so the
     /// requests already in it keep counting.
     fn admission(&self, route: &config::Route) -> Option<Arc<Gate>> {
@@ -230,8 +265,12 @@ async fn build_snapshot(
             .map(|name| plugins[name].clone())
             .collect();
         let admission = previous.as_ref().and_then(|p| p.admission(route));
-        let llm = (route.llm.as_ref())
-            .map(|llm| LlmRoute::new(&route.name, llm, &upstreams, metrics.llm()));
+        let llm = route.llm.as_ref().map(|llm| {
+            let kept = previous.as_ref().and_then(|p| p.llm(route, &upstreams));
+            kept.unwrap_or_else(|| {
+                Arc::new(LlmRoute::new(&route.name, llm, &upstreams, metrics.llm()))
+            })
+        });
         Route::new(route, upstream, policies, admission, llm, metrics)
     });
     Ok(Snapshot {

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sluice_tests::llmock::Llmock;
 use sluice_tests::process::GatewayProcess;
-use sluice_tests::{Reply, TestGateway, TestUpstream, send};
+use sluice_tests::{Reply, TestGateway, TestUpstream, metric, send};
 
 /// A gateway with an LLM route on `/v1`: `llm` holds `[routes.llm]` keys, and each model
 /// maps to deployments named by upstream. `upstreams` are `(name, llmock)`.
@@ -84,12 +84,6 @@ async fn stream(url: &str, body: Value) -> (StatusCode, Vec<(Instant, String)>) 
         }
     }
     (status, events)
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -454,4 +448,44 @@ async fn anthropic_messages_and_responses_streams_are_metered_from_their_usage_e
     let sent = mock.journal().await;
     assert_eq!(sent[0]["body"]["model"], "claude-x");
     assert_eq!(sent[1]["body"]["model"], "gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn budgets_survive_a_reload_that_leaves_the_route_unchanged() {
+    let mock = Llmock::start(&[]).await;
+    let app = TestUpstream::start().await;
+    let llm = fragment(
+        &[("mock", &mock)],
+        "consumer_tokens_per_minute = 100",
+        &[("public", &["mock"])],
+    );
+    let path = std::env::temp_dir().join(format!("sluice-llm-reload-{}.toml", mock.addr.port()));
+    std::fs::write(&path, sluice_tests::gateway::config_text(&app, &llm)).expect("write");
+    let gateway = TestGateway::start_file(&path).await;
+    let url = gateway.url("/v1/chat/completions");
+    // About 75 tokens: one at a time fits in 100.
+    let body = json!({ "model": "public", "max_tokens": 60, "messages": [] });
+
+    mock.script(json!([{ "type": "delay", "seconds": 2 }]))
+        .await;
+    let in_flight = tokio::spawn(send(chat(&url, body.clone())));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unrelated =
+        "\n[[routes]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"app\"\n";
+    std::fs::write(
+        &path,
+        sluice_tests::gateway::config_text(&app, &(llm + unrelated)),
+    )
+    .expect("write");
+    let (status, answer) = gateway.reload().await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    let second = send(chat(&url, body)).await;
+    assert_eq!(
+        second.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the reservation in flight still counts"
+    );
+    assert_eq!(in_flight.await.expect("task").status, StatusCode::OK);
+    let _ = std::fs::remove_file(&path);
 }

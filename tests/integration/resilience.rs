@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sluice_tests::faulty::{self, ControlledUpstream};
-use sluice_tests::{Reply, TestGateway, TestUpstream, get, send, send_raw};
+use sluice_tests::{Reply, TestGateway, TestUpstream, get, metric, send, send_raw};
 
 /// A gateway with one route, `/`, to an upstream called `pool` set up by `upstream` (its
 /// `targets` and any other keys and sub-tables).
@@ -22,13 +22,6 @@ async fn gateway(upstream: &str) -> TestGateway {
          [[upstreams]]\nname = \"pool\"\n{upstream}\n"
     );
     TestGateway::start(&app, &fragment).await
-}
-
-/// The value of the metric line that starts with `series`, 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Polls the gateway's metrics until `series` has `value`, for up to five seconds.

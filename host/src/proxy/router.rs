@@ -21,7 +21,7 @@ pub struct Route {
     /// Whether the upstream may retry this route's requests whatever their method.
     pub retry_non_idempotent: bool,
     /// Token budgets and model deployments, for an LLM route.
-    pub llm: Option<LlmRoute>,
+    pub llm: Option<Arc<LlmRoute>>,
     /// The route's in-flight slots and wait queue; kept across reloads that leave its limits
     /// unchanged.
     pub admission: Arc<Gate>,
@@ -49,7 +49,7 @@ impl Route {
         upstream: Arc<Upstream>,
         policies: Vec<Arc<Plugin>>,
         admission: Option<Arc<Gate>>,
-        llm: Option<LlmRoute>,
+        llm: Option<Arc<LlmRoute>>,
         metrics: &Metrics,
     ) -> Route {
         let metrics = metrics.route(&settings.name, settings.max_queued);
