@@ -338,14 +338,7 @@ impl LlmRoute {
             // The body loses an event, so a declared length would be wrong.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        let body = Metered::new(
-            body,
-            sse,
-            strip,
-            self.settings.first_byte_timeout_ms,
-            self.settings.idle_timeout_ms,
-            account,
-        );
+        let body = Metered::new(body, sse, strip, &self.settings, account);
         Response::from_parts(parts, body.boxed())
     }
 }

@@ -489,3 +489,41 @@ async fn budgets_survive_a_reload_that_leaves_the_route_unchanged() {
     assert_eq!(in_flight.await.expect("task").status, StatusCode::OK);
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn a_stream_that_stalls_past_the_idle_timeout_is_cut_not_ended_cleanly() {
+    let mock = Llmock::start(&[]).await;
+    let gateway = gateway(
+        &[("mock", &mock)],
+        "idle_timeout_ms = 500",
+        &[("public", &["mock"])],
+    )
+    .await;
+    mock.script(json!([
+        { "type": "stream_fault", "kind": "stall", "after_chunks": 3, "stall_seconds": 20 },
+    ]))
+    .await;
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({ "model": "public", "stream": true, "messages": [] });
+    let request = chat(&gateway.url("/v1/chat/completions"), body).map(Full::new);
+    let started = Instant::now();
+    let mut body = client.request(request).await.expect("response").into_body();
+    let mut events = 0;
+    let ended = loop {
+        match body.frame().await {
+            Some(Ok(_)) => events += 1,
+            Some(Err(err)) => break Err(err),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the client sees a broken stream, not a complete one"
+    );
+    assert!(events >= 3, "the events before the stall arrived");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut at the idle timeout"
+    );
+}

@@ -30,6 +30,10 @@ pub struct Llm {
     /// The longest pause between two pieces of a streamed response.
     #[serde(default = "defaults::idle_timeout", with = "millis")]
     pub idle_timeout_ms: Duration,
+    /// A cap on a whole answer, streams included; absent for none (the default: long
+    /// generations are bounded by the idle timeout instead).
+    #[serde(default, with = "millis::optional")]
+    pub total_timeout_ms: Option<Duration>,
     /// How long a request may wait for a deployment with budget left; then 429.
     #[serde(default = "defaults::budget_wait", with = "millis")]
     pub budget_wait_ms: Duration,

@@ -39,6 +39,8 @@ pub struct Metered {
     json: Option<BytesMut>,
     timer: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    /// The end of the whole answer's time, if it is capped.
+    total: Option<Pin<Box<Sleep>>>,
     ended: bool,
     strip_usage_event: bool,
     account: Option<Account>,
@@ -121,18 +123,20 @@ impl Metered {
         inner: Incoming,
         sse: bool,
         strip_usage_event: bool,
-        first_byte_timeout: Duration,
-        idle_timeout: Duration,
+        timeouts: &crate::config::Llm,
         account: Account,
     ) -> Metered {
+        let total = (timeouts.total_timeout_ms)
+            .map(|total| Box::pin(tokio::time::sleep_until((account.sent_at + total).into())));
         Metered {
             inner,
             sse,
             pending: BytesMut::new(),
             ready: VecDeque::new(),
             json: (!sse).then(BytesMut::new),
-            timer: Box::pin(tokio::time::sleep(first_byte_timeout)),
-            idle_timeout,
+            timer: Box::pin(tokio::time::sleep(timeouts.first_byte_timeout_ms)),
+            idle_timeout: timeouts.idle_timeout_ms,
+            total,
             ended: false,
             strip_usage_event,
             account: Some(account),
@@ -243,7 +247,9 @@ impl Body for Metered {
                     this.ended = true;
                 }
                 Poll::Pending => {
-                    if this.timer.as_mut().poll(cx).is_ready() {
+                    let over_total =
+                        (this.total.as_mut()).is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                    if over_total || this.timer.as_mut().poll(cx).is_ready() {
                         this.finish(false);
                         this.ready.clear();
                         tracing::warn!("LLM answer stalled past its timeout; the stream is cut");
