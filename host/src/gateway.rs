@@ -18,7 +18,7 @@ use crate::admission::Gate;
 use crate::config::{self, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::plugin::{Plugin, Runtime, digest};
-use crate::proxy::{Route, Router, Upstream};
+use crate::proxy::{Route, Router, TrustedProxies, Upstream};
 
 /// How often idle rate-limit keys are forgotten.
 const BUCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -31,6 +31,10 @@ pub struct Snapshot {
     pub router: Router,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    /// Longest request target accepted.
+    pub max_uri_bytes: usize,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: TrustedProxies,
     config: Config,
     plugins: HashMap<String, Arc<Plugin>>,
     upstreams: HashMap<String, Arc<Upstream>>,
@@ -145,6 +149,8 @@ pub async fn check(config: &Config) -> Result<(), ConfigError> {
 fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     let listener = |c: &Config| config::Listener {
         max_body_bytes: 0,
+        max_uri_bytes: 0,
+        trusted_proxies: Vec::new(),
         ..c.listener.clone()
     };
     let changed = if listener(current) != listener(next) {
@@ -153,12 +159,14 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
         "[admin]"
     } else if current.runtime != next.runtime {
         "[runtime]"
+    } else if current.access_log != next.access_log {
+        "[access_log]"
     } else {
         return None;
     };
     Some(format!(
-        "{changed} changed: restart the gateway to apply it (only `max_body_bytes` of \
-         [listener] can change on reload)"
+        "{changed} changed: restart the gateway to apply it (of [listener], only \
+         `max_body_bytes`, `max_uri_bytes` and `trusted_proxies` can change on reload)"
     ))
 }
 
@@ -234,6 +242,8 @@ async fn build_snapshot(
         generation,
         router: Router::new(routes.collect()),
         max_body_bytes: config.listener.max_body_bytes,
+        max_uri_bytes: config.listener.max_uri_bytes,
+        trusted_proxies: TrustedProxies::new(config.listener.trusted_proxies.clone()),
         config: config.clone(),
         plugins,
         upstreams,

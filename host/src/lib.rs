@@ -3,9 +3,10 @@
 //!
 //! The modules follow a request: [`proxy`] accepts it, matches a route and forwards it; the
 //! route's policies run in the [`plugin`] runtime; [`gateway`] holds the configuration
-//! snapshot each request uses; [`admin`] and [`metrics`] show what is happening; [`config`]
-//! reads the TOML file everything is built from.
+//! snapshot each request uses; [`admin`], [`metrics`] and [`access_log`] show what is
+//! happening; [`config`] reads the TOML file everything is built from.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod config;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use access_log::AccessLog;
 pub use config::{Config, ConfigError};
 pub use gateway::Gateway;
 pub use metrics::Metrics;
@@ -33,6 +35,7 @@ pub struct Server {
     gateway: Arc<Gateway>,
     listener: TcpListener,
     admin: TcpListener,
+    access_log: AccessLog,
     config: Config,
     reload: Option<ReloadHandle>,
 }
@@ -43,10 +46,12 @@ impl Server {
         let gateway = Gateway::new(&config, Metrics::new()).await?;
         let listener = bind(config.listener.address, "listener").await?;
         let admin = bind(config.admin.address, "admin listener").await?;
+        let access_log = AccessLog::start(&config.access_log, gateway.metrics()).await?;
         Ok(Server {
             gateway,
             listener,
             admin,
+            access_log,
             config,
             reload: None,
         })
@@ -90,9 +95,11 @@ impl Server {
         let limits = proxy::ConnectionLimits {
             max_connections: listener.max_connections,
             header_read_timeout: listener.header_read_timeout_ms,
+            max_header_bytes: listener.max_header_bytes,
         };
         let grace = listener.shutdown_grace_ms;
-        proxy::serve(self.listener, self.gateway, limits, shutdown, grace).await;
+        let (gateway, log) = (self.gateway, self.access_log);
+        proxy::serve(self.listener, gateway, log, limits, shutdown, grace).await;
         admin.abort();
     }
 }

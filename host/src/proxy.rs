@@ -3,16 +3,21 @@
 
 mod body;
 mod forward;
+mod forwarded;
+mod framing;
 mod handler;
 mod headers;
+mod identity;
 mod path;
 mod router;
 mod server;
+mod upgrade;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
 pub use forward::Upstream;
+pub use forwarded::TrustedProxies;
 pub use handler::handle;
 pub use router::{Route, Router};
 pub use server::{ConnectionLimits, serve};

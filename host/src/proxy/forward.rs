@@ -16,7 +16,7 @@ use crate::config;
 use crate::metrics::Metrics;
 
 /// A request body on its way upstream, cut off past the gateway's size limit.
-pub type RequestBody = Limited<Incoming>;
+pub type RequestBody = Limited<super::body::Counted<Incoming>>;
 
 /// A named group of servers sharing one keep-alive connection pool and one bulkhead.
 pub struct Upstream {

@@ -5,6 +5,11 @@
 //! kernel's backlog instead of being refused or served by a process out of descriptors. And a
 //! client has `header_read_timeout_ms` from accept to send its request headers: a connection
 //! that sends nothing, or trickles bytes, is closed.
+//!
+//! A request head larger than `max_header_bytes` is answered 431 by hyper, which then closes
+//! the connection; HTTP/1.1 heads are also checked for ambiguous framing (see [`framing`]).
+//!
+//! [`framing`]: super::framing
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +24,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::framing::FramingCheck;
+use crate::access_log::AccessLog;
 use crate::gateway::Gateway;
 
 /// Limits that apply to every client connection.
@@ -26,6 +33,7 @@ use crate::gateway::Gateway;
 pub struct ConnectionLimits {
     pub max_connections: u32,
     pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
 /// Serves connections from `listener` until `shutdown` resolves, then waits up to `grace` for
@@ -33,6 +41,7 @@ pub struct ConnectionLimits {
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    access_log: AccessLog,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -45,7 +54,7 @@ pub async fn serve(
         tokio::select! {
             accepted = accept(&listener, &connections) => match accepted {
                 Ok((stream, client, permit)) => {
-                    let connection = Connection { stream, client, limits, gateway: gateway.clone(), _permit: permit };
+                    let connection = Connection { stream, client, limits, gateway: gateway.clone(), access_log: access_log.clone(), _permit: permit };
                     connection.spawn(&graceful);
                 }
                 Err(err) => {
@@ -92,6 +101,7 @@ struct Connection {
     client: SocketAddr,
     limits: ConnectionLimits,
     gateway: Arc<Gateway>,
+    access_log: AccessLog,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -137,18 +147,21 @@ impl Connection {
         let Connection {
             stream,
             client,
+            limits,
             gateway,
+            access_log,
             _permit,
-            ..
         } = self;
         let metrics = gateway.metrics().clone();
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
+            let access_log = access_log.clone();
             async move {
                 // Each request keeps the snapshot it arrived under until its response ends.
                 let snapshot = gateway.snapshot();
+                let metrics = gateway.metrics();
                 Ok::<_, Infallible>(
-                    super::handle(snapshot, gateway.metrics(), request, client).await,
+                    super::handle(snapshot, metrics, &access_log, request, client).await,
                 )
             }
         });
@@ -157,7 +170,12 @@ impl Connection {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(limits.max_header_bytes);
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let stream = FramingCheck::new(stream, client, metrics.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         if let Err(err) = watcher.watch(connection.into_owned()).await {
             if is_header_timeout(&*err) {
