@@ -5,6 +5,6 @@ pub mod client;
 pub mod gateway;
 pub mod upstream;
 
-pub use client::{Reply, get, send, send_raw};
+pub use client::{RawConnection, RawResponse, Reply, get, send, send_raw};
 pub use gateway::{TestGateway, plugin_path};
 pub use upstream::{Recorded, TestUpstream};

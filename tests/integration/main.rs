@@ -3,6 +3,7 @@
 //! policies first.
 
 mod check;
+mod edge;
 mod overload;
 mod policies;
 mod proxy;
