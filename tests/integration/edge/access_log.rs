@@ -108,7 +108,11 @@ async fn a_stuck_log_drops_and_counts_lines_instead_of_slowing_requests() {
     let metrics = gateway.metrics().await;
     let dropped: f64 = metrics
         .lines()
-        .find_map(|line| line.strip_prefix("sluice_access_log_dropped_total ")?.parse().ok())
+        .find_map(|line| {
+            line.strip_prefix("sluice_access_log_dropped_total ")?
+                .parse()
+                .ok()
+        })
         .expect("the dropped counter");
     assert!(dropped >= 100.0, "{dropped} dropped");
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");

@@ -80,7 +80,8 @@ async fn content_length_with_transfer_encoding_is_refused_and_the_connection_clo
 
     let metrics = gateway.metrics().await;
     assert!(
-        metrics.contains(r#"sluice_requests_rejected_total{reason="ambiguous_framing",route=""} 2"#),
+        metrics
+            .contains(r#"sluice_requests_rejected_total{reason="ambiguous_framing",route=""} 2"#),
         "{metrics}"
     );
 }
@@ -90,7 +91,10 @@ async fn two_different_content_lengths_are_refused() {
     let upstream = TestUpstream::start().await;
     let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
 
-    for lengths in ["Content-Length: 3\r\nContent-Length: 5", "Content-Length: 3, 5"] {
+    for lengths in [
+        "Content-Length: 3\r\nContent-Length: 5",
+        "Content-Length: 3, 5",
+    ] {
         let raw = format!("POST / HTTP/1.1\r\nHost: example\r\n{lengths}\r\n\r\nabcde");
         let (status, closed) = refused(&gateway, raw.as_bytes()).await;
         assert_eq!(status, 400, "{lengths}");
@@ -132,7 +136,10 @@ async fn oversized_headers_get_431_and_long_targets_414() {
     let raw = format!("GET / HTTP/1.1\r\nHost: example\r\n{many_headers}\r\n");
     assert_eq!(refused(&gateway, raw.as_bytes()).await, (431, true));
 
-    let long_target = format!("GET /{} HTTP/1.1\r\nHost: example\r\n\r\n", "p".repeat(1100));
+    let long_target = format!(
+        "GET /{} HTTP/1.1\r\nHost: example\r\n\r\n",
+        "p".repeat(1100)
+    );
     let mut connection = RawConnection::open(gateway.addr).await;
     connection.write(long_target.as_bytes()).await;
     let response = connection.response(false).await.unwrap();
@@ -144,7 +151,10 @@ async fn oversized_headers_get_431_and_long_targets_414() {
     assert!(connection.is_closed_within(Duration::from_secs(5)).await);
     assert!(upstream.received().is_empty());
 
-    let fits = format!("GET /{} HTTP/1.1\r\nHost: example\r\n\r\n", "p".repeat(1000));
+    let fits = format!(
+        "GET /{} HTTP/1.1\r\nHost: example\r\n\r\n",
+        "p".repeat(1000)
+    );
     let mut connection = RawConnection::open(gateway.addr).await;
     connection.write(fits.as_bytes()).await;
     assert_eq!(connection.response(false).await.unwrap().status(), 200);
@@ -157,9 +167,21 @@ async fn bodiless_responses_come_back_at_once_on_a_reused_upstream_connection() 
     let mut connection = RawConnection::open(gateway.addr).await;
 
     for (request, head_only, status) in [
-        ("GET /a HTTP/1.1\r\nHost: x\r\nX-Respond-Status: 204\r\n\r\n", true, 204),
-        ("GET /b HTTP/1.1\r\nHost: x\r\nX-Respond-Status: 304\r\n\r\n", true, 304),
-        ("HEAD /c HTTP/1.1\r\nHost: x\r\nX-Respond-Length: 1234\r\n\r\n", true, 200),
+        (
+            "GET /a HTTP/1.1\r\nHost: x\r\nX-Respond-Status: 204\r\n\r\n",
+            true,
+            204,
+        ),
+        (
+            "GET /b HTTP/1.1\r\nHost: x\r\nX-Respond-Status: 304\r\n\r\n",
+            true,
+            304,
+        ),
+        (
+            "HEAD /c HTTP/1.1\r\nHost: x\r\nX-Respond-Length: 1234\r\n\r\n",
+            true,
+            200,
+        ),
         ("GET /d HTTP/1.1\r\nHost: x\r\n\r\n", false, 200),
     ] {
         let sent = Instant::now();
@@ -177,7 +199,11 @@ async fn bodiless_responses_come_back_at_once_on_a_reused_upstream_connection() 
     }
 
     assert_eq!(upstream.received().len(), 4);
-    assert_eq!(upstream.connections(), 1, "the upstream connection was reused");
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the upstream connection was reused"
+    );
 }
 
 #[tokio::test]

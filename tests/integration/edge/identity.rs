@@ -69,7 +69,10 @@ async fn a_trace_is_continued_with_a_new_span_or_started() {
     let sent = seen["traceparent"].to_str().unwrap();
     let fields: Vec<&str> = sent.split('-').collect();
     assert_eq!(fields[1], "4bf92f3577b34da6a3ce929d0e0e4736", "{sent}");
-    assert_ne!(fields[2], "00f067aa0ba902b7", "the gateway's hop has its own span");
+    assert_ne!(
+        fields[2], "00f067aa0ba902b7",
+        "the gateway's hop has its own span"
+    );
     assert_eq!(fields[3], "01");
     assert_eq!(seen["tracestate"], "vendor=opaque");
 

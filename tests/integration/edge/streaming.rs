@@ -119,7 +119,13 @@ async fn server_sent_events_reach_the_client_as_they_are_sent() {
         pending.push_str(std::str::from_utf8(&data).unwrap());
         while let Some(end) = pending.find("\n\n") {
             let event: String = pending.drain(..end + 2).collect();
-            let sent: u128 = event.split("data: ").nth(1).unwrap().trim().parse().unwrap();
+            let sent: u128 = event
+                .split("data: ")
+                .nth(1)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
             delays.push(Duration::from_micros((arrived - sent) as u64));
         }
     }
@@ -183,7 +189,11 @@ impl GatewayProcess {
         let stderr = child.stderr.take().unwrap();
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let addr = loop {
-            let line = lines.next_line().await.unwrap().expect("the gateway starts");
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the gateway starts");
             let line: serde_json::Value = serde_json::from_str(&line).unwrap();
             if let Some(addr) = line["fields"]["listener"].as_str() {
                 break addr.parse().unwrap();

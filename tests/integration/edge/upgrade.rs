@@ -73,16 +73,33 @@ async fn a_websocket_is_tunnelled_after_the_upstreams_101() {
     let switched = connection.response(true).await.expect("a response");
     assert_eq!(switched.status(), 101, "{}", switched.head);
     assert_eq!(switched.header("upgrade"), Some("websocket"));
-    assert!(switched.header("connection").unwrap().eq_ignore_ascii_case("upgrade"));
+    assert!(
+        switched
+            .header("connection")
+            .unwrap()
+            .eq_ignore_ascii_case("upgrade")
+    );
     assert_eq!(
         switched.header("sec-websocket-accept"),
         Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
     );
 
     let before = before_switch.await.unwrap();
-    assert!(before.head.contains("upgrade: websocket"), "{}", before.head);
-    assert!(before.head.contains("connection: upgrade"), "{}", before.head);
-    assert!(before.head.contains("sec-websocket-key:"), "{}", before.head);
+    assert!(
+        before.head.contains("upgrade: websocket"),
+        "{}",
+        before.head
+    );
+    assert!(
+        before.head.contains("connection: upgrade"),
+        "{}",
+        before.head
+    );
+    assert!(
+        before.head.contains("sec-websocket-key:"),
+        "{}",
+        before.head
+    );
     assert_eq!(before.early_bytes, 0, "bytes were tunnelled before the 101");
 
     assert_eq!(connection.read_exact(5).await, b"early");
