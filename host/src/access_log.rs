@@ -178,6 +178,54 @@ pub fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1e6).round() / 1e3
 }
 
+// === impl Unanswered ===
+
+/// The line of a request still being served. If the request is dropped before it is answered
+/// (the client went away), the line is written with nginx's status 499 and reason
+/// `client_closed`.
+#[derive(Debug)]
+pub struct Unanswered {
+    log: AccessLog,
+    entry: Entry,
+    started: Instant,
+    answered: bool,
+}
+
+impl Unanswered {
+    pub fn new(log: &AccessLog, entry: Entry, started: Instant) -> Self {
+        Unanswered {
+            log: log.clone(),
+            entry,
+            started,
+            answered: false,
+        }
+    }
+
+    pub fn entry(&mut self) -> &mut Entry {
+        &mut self.entry
+    }
+
+    /// The request has its response: the line now waits for the response to be sent.
+    pub fn answered(mut self, status: http::StatusCode) -> Pending {
+        self.answered = true;
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.status = status.as_u16();
+        Pending::new(self.log.clone(), entry, self.started)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut entry = std::mem::take(&mut self.entry);
+        entry.status = 499;
+        entry.reason = Some("client_closed");
+        Pending::new(self.log.clone(), entry, self.started).finish(0);
+    }
+}
+
 // === impl Timestamp ===
 
 impl Default for Timestamp {

@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::framing::FramingCheck;
 use crate::access_log::AccessLog;
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
 
 /// Limits that apply to every client connection.
 #[derive(Debug, Clone, Copy)]
@@ -178,18 +179,33 @@ impl Connection {
         let stream = FramingCheck::new(stream, client, metrics.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         if let Err(err) = watcher.watch(connection.into_owned()).await {
-            if is_header_timeout(&*err) {
-                metrics
-                    .connections_rejected
-                    .with_label_values(&["header_timeout"])
-                    .inc();
-            }
-            tracing::debug!(client.addr = %client, "connection ended with an error: {err}");
+            connection_failed(&metrics, client, &*err);
         }
     }
 }
 
-fn is_header_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    err.downcast_ref::<hyper::Error>()
-        .is_some_and(hyper::Error::is_timeout)
+/// Counts and logs why a connection ended in error: a request head hyper refused (answered
+/// 400 or 431 by hyper) or one that never came are the client's doing.
+fn connection_failed(
+    metrics: &Metrics,
+    client: SocketAddr,
+    err: &(dyn std::error::Error + 'static),
+) {
+    let hyper = err.downcast_ref::<hyper::Error>();
+    let reason = match hyper {
+        Some(err) if err.is_timeout() => "header_timeout",
+        Some(err) if err.is_parse_too_large() => "header_too_large",
+        Some(err) if err.is_parse() => "malformed_request",
+        _ => {
+            tracing::debug!(client.addr = %client, "connection ended with an error: {err}");
+            return;
+        }
+    };
+    metrics
+        .connections_rejected
+        .with_label_values(&[reason])
+        .inc();
+    if reason != "header_timeout" {
+        tracing::info!(client.addr = %client, reason, "refused a request head: {err}");
+    }
 }

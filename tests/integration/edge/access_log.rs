@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use sluice_tests::{TestGateway, TestUpstream, get, send};
+use sluice_tests::{RawConnection, TestGateway, TestUpstream, get, send};
 
 use super::PLAIN_ROUTE;
 
@@ -117,4 +117,30 @@ async fn a_stuck_log_drops_and_counts_lines_instead_of_slowing_requests() {
     assert!(dropped >= 100.0, "{dropped} dropped");
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
     let _ = std::fs::remove_file(&fifo);
+}
+
+#[tokio::test]
+async fn a_request_whose_client_goes_away_is_logged_as_499() {
+    let upstream = TestUpstream::start().await;
+    let path = temp_path("access-499.log");
+    let fragment = format!(
+        "[access_log]\nenabled = true\npath = \"{}\"\n{PLAIN_ROUTE}",
+        path.display()
+    );
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Delay-Ms: 3000\r\nX-Request-Id: gone-1\r\n\r\n")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(connection);
+
+    let lines = lines(&path, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["request_id"], "gone-1");
+    assert_eq!(lines[0]["status"], 499);
+    assert_eq!(lines[0]["reason"], "client_closed");
+    assert_eq!(lines[0]["route"], "plain");
+    let _ = std::fs::remove_file(&path);
 }

@@ -118,6 +118,11 @@ async fn a_space_before_the_colon_or_a_folded_header_is_refused() {
         assert!(closed);
     }
     assert!(upstream.received().is_empty());
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"sluice_connections_rejected_total{reason="malformed_request"} 3"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -135,6 +140,11 @@ async fn oversized_headers_get_431_and_long_targets_414() {
     let many_headers: String = (0..400).map(|i| format!("X-H{i}: {i}\r\n")).collect();
     let raw = format!("GET / HTTP/1.1\r\nHost: example\r\n{many_headers}\r\n");
     assert_eq!(refused(&gateway, raw.as_bytes()).await, (431, true));
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"sluice_connections_rejected_total{reason="header_too_large"} 2"#),
+        "{metrics}"
+    );
 
     let long_target = format!(
         "GET /{} HTTP/1.1\r\nHost: example\r\n\r\n",
