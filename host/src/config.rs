@@ -56,6 +56,19 @@ pub struct Listener {
     /// Proxies in front of the gateway, as CIDR blocks (`10.0.0.0/8`, `192.0.2.7/32`). Their
     /// `X-Forwarded-*` and `Forwarded` headers are extended; anyone else's are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// TLS on this listener; plain HTTP when absent.
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings of the listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first; relative to the config file's folder. Read again
+    /// when it changes.
+    pub cert_path: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_path: PathBuf,
 }
 
 /// The access log: one JSON line per request.
@@ -215,6 +228,10 @@ impl Config {
         }
         if let Some(log) = &mut config.access_log.path {
             *log = base.join(&*log);
+        }
+        if let Some(tls) = &mut config.listener.tls {
+            tls.cert_path = base.join(&tls.cert_path);
+            tls.key_path = base.join(&tls.key_path);
         }
         Ok(config)
     }
@@ -400,6 +417,7 @@ impl Default for Listener {
             // nginx's default buffer for a request line.
             max_uri_bytes: 8 << 10,
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -141,6 +141,10 @@ impl std::fmt::Debug for Gateway {
 /// Checks a configuration the way a start would: compiles and links every plugin and runs
 /// its configuration check, reporting every problem found.
 pub async fn check(config: &Config) -> Result<(), ConfigError> {
+    if let Some(tls) = &config.listener.tls {
+        crate::proxy::tls::check(tls)
+            .map_err(|err| ConfigError::one(format!("listener: {err:#}")))?;
+    }
     Gateway::new(config, Metrics::new()).await.map(drop)
 }
 

@@ -35,7 +35,7 @@ pub struct Server {
     gateway: Arc<Gateway>,
     listener: TcpListener,
     admin: TcpListener,
-    access_log: AccessLog,
+    front: proxy::Front,
     config: Config,
     reload: Option<ReloadHandle>,
 }
@@ -47,11 +47,17 @@ impl Server {
         let listener = bind(config.listener.address, "listener").await?;
         let admin = bind(config.admin.address, "admin listener").await?;
         let access_log = AccessLog::start(&config.access_log, gateway.metrics()).await?;
+        let tls = config
+            .listener
+            .tls
+            .as_ref()
+            .map(proxy::tls::acceptor)
+            .transpose()?;
         Ok(Server {
             gateway,
             listener,
             admin,
-            access_log,
+            front: proxy::Front { access_log, tls },
             config,
             reload: None,
         })
@@ -98,8 +104,15 @@ impl Server {
             max_header_bytes: listener.max_header_bytes,
         };
         let grace = listener.shutdown_grace_ms;
-        let (gateway, log) = (self.gateway, self.access_log);
-        proxy::serve(self.listener, gateway, log, limits, shutdown, grace).await;
+        proxy::serve(
+            self.listener,
+            self.gateway,
+            self.front,
+            limits,
+            shutdown,
+            grace,
+        )
+        .await;
         admin.abort();
     }
 }

@@ -11,6 +11,7 @@ mod identity;
 mod path;
 mod router;
 mod server;
+pub mod tls;
 mod upgrade;
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ pub use forward::Upstream;
 pub use forwarded::TrustedProxies;
 pub use handler::handle;
 pub use router::{Route, Router};
-pub use server::{ConnectionLimits, serve};
+pub use server::{ConnectionLimits, Front, serve};
 
 /// Errors from a streamed body, whichever side it came from.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -8,6 +8,7 @@ mod forwarding;
 mod framing;
 mod identity;
 mod streaming;
+mod tls;
 mod upgrade;
 
 const PLAIN_ROUTE: &str = r#"

@@ -60,12 +60,13 @@ impl TrustedProxies {
     }
 
     /// Sets the forwarding headers for the upstream: extended when `peer` is trusted,
-    /// replaced otherwise.
+    /// replaced otherwise. `scheme` is what the client spoke to the gateway.
     pub fn set_headers(
         &self,
         headers: &mut HeaderMap,
         peer: SocketAddr,
         host: Option<&HeaderValue>,
+        scheme: &'static str,
     ) {
         let peer_ip = peer.ip().to_canonical();
         let trusted = self.contains(peer_ip);
@@ -82,14 +83,14 @@ impl TrustedProxies {
 
         append_forwarded_for(headers, peer_ip);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
         }
         if let Some(host) = host
             && !headers.contains_key(&X_FORWARDED_HOST)
         {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        append_forwarded(headers, peer_ip, host);
+        append_forwarded(headers, peer_ip, host, scheme);
     }
 }
 
@@ -125,7 +126,12 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
 }
 
 /// Appends this hop to `Forwarded` (RFC 7239).
-fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&HeaderValue>) {
+fn append_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    host: Option<&HeaderValue>,
+    scheme: &str,
+) {
     let mut value = join(headers, &header::FORWARDED);
     if !value.is_empty() {
         value.push_str(", ");
@@ -137,7 +143,8 @@ fn append_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&HeaderV
     if let Some(host) = host.and_then(|h| h.to_str().ok()) {
         value.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
     }
-    value.push_str(";proto=http");
+    value.push_str(";proto=");
+    value.push_str(scheme);
     set_text(headers, header::FORWARDED, &value);
 }
 
@@ -187,7 +194,7 @@ mod tests {
             peer("192.0.2.1").ip()
         );
 
-        proxies.set_headers(&mut headers, peer("192.0.2.1"), None);
+        proxies.set_headers(&mut headers, peer("192.0.2.1"), None, "http");
         assert_eq!(headers["x-forwarded-for"], "192.0.2.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers[header::FORWARDED], "for=192.0.2.1;proto=http");
@@ -198,7 +205,7 @@ mod tests {
         let proxies = trusting(&["10.0.0.0/8"]);
         let mut headers = with_xff("203.0.113.9, 10.1.1.1");
         let host = HeaderValue::from_static("example.com");
-        proxies.set_headers(&mut headers, peer("10.0.0.2"), Some(&host));
+        proxies.set_headers(&mut headers, peer("10.0.0.2"), Some(&host), "http");
         assert_eq!(
             headers["x-forwarded-for"],
             "203.0.113.9, 10.1.1.1, 10.0.0.2"
@@ -237,7 +244,7 @@ mod tests {
         let proxies = trusting(&["127.0.0.0/8"]);
         assert!(proxies.contains("::ffff:127.0.0.1".parse().unwrap()));
         let mut headers = HeaderMap::new();
-        proxies.set_headers(&mut headers, peer("::1"), None);
-        assert_eq!(headers[header::FORWARDED], "for=\"[::1]\";proto=http");
+        proxies.set_headers(&mut headers, peer("::1"), None, "https");
+        assert_eq!(headers[header::FORWARDED], "for=\"[::1]\";proto=https");
     }
 }

@@ -75,6 +75,7 @@ pub async fn handle(
     access_log: &AccessLog,
     request: Request<Incoming>,
     peer: SocketAddr,
+    secure: bool,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut request = request;
@@ -92,7 +93,8 @@ pub async fn handle(
     };
     let host = request_host(&request);
     let trusted = &snapshot.trusted_proxies;
-    trusted.set_headers(request.headers_mut(), peer, host.as_ref());
+    let scheme = if secure { "https" } else { "http" };
+    trusted.set_headers(request.headers_mut(), peer, host.as_ref(), scheme);
     let entry = log_entry(access_log, &request, &identity, &arrival);
     let mut line = Unanswered::new(access_log, entry, started);
 
