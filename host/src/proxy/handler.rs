@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use super::body::{Counted, Guarded, Logged};
 use super::forward::UpstreamError;
-use super::headers::strip_hop_by_hop;
+use super::headers::{strip_request_hop_by_hop, strip_response_hop_by_hop};
 use super::identity::{self, Identity, X_REQUEST_ID};
 use super::path::{self, PathError};
 use super::upgrade::{self, Upgrade};
@@ -81,7 +81,7 @@ pub async fn handle(
     let mut request = request;
     let upgrade = Upgrade::take(&mut request);
     // Before anything else is set: `Connection` may name any header, ours included.
-    strip_hop_by_hop(request.headers_mut());
+    strip_request_hop_by_hop(request.headers_mut());
     let identity = identity::assign(request.headers_mut());
     let arrival = Arrival {
         started,
@@ -287,7 +287,7 @@ async fn response_phase(
     response: Response<Incoming>,
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_response_hop_by_hop(&mut parts.headers);
 
     for plugin in route.policies.iter().rev() {
         let head = ResponseHead {

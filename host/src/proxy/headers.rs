@@ -1,7 +1,7 @@
 //! Hop-by-hop headers, which describe one connection and are never forwarded.
 
 use http::HeaderMap;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 
 /// Headers that describe one connection and are never forwarded (RFC 9110, section 7.6.1).
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -15,6 +15,32 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Removes a request's hop-by-hop headers, then says `TE: trailers` again if the client
+/// said it: it means the client accepts trailers, which gRPC needs end to end (nginx's
+/// `grpc_pass` and Envoy forward it the same way).
+pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes a response's hop-by-hop headers but keeps `Trailer`: it announces the trailer
+/// fields at the end of the body, which HTTP/1.1 needs to send them on.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    let trailer = headers.remove(header::TRAILER);
+    strip_hop_by_hop(headers);
+    if let Some(trailer) = trailer {
+        headers.insert(header::TRAILER, trailer);
+    }
+}
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -32,8 +58,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
 
     #[test]
@@ -49,5 +73,17 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_is_said_again_and_nothing_else_of_te() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        strip_request_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_request_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key(header::TE));
     }
 }

@@ -28,7 +28,7 @@ async fn hop_by_hop_headers_never_reach_the_upstream_and_a_client_close_keeps_th
             .write(
                 b"GET /hop HTTP/1.1\r\nHost: example\r\nConnection: close, X-Secret, x-other\r\n\
                   X-Secret: 1\r\nX-Other: 2\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
-                  Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: trailers\r\nTrailer: x-checksum\r\n\
+                  Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTE: deflate\r\nTrailer: x-checksum\r\n\
                   Upgrade: h2c\r\nX-Kept: yes\r\n\r\n",
             )
             .await;

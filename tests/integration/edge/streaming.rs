@@ -288,3 +288,56 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
         );
     }
 }
+
+/// An upstream answering like a gRPC server: a message, then `grpc-status` as a trailer.
+async fn trailer_upstream() -> SocketAddr {
+    serve(|request: Request<Incoming>| async move {
+        let te = request.headers().get("te").cloned();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        // Chunked, as trailers need in HTTP/1.1, though the length is known.
+        let mut response = Response::builder()
+            .header("content-type", "application/grpc")
+            .header("transfer-encoding", "chunked")
+            .header("trailer", "grpc-status");
+        if let Some(te) = te {
+            response = response.header("x-te-seen", te);
+        }
+        response.body(body).unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn trailers_pass_through_to_http2_and_http1_clients() {
+    let upstream = TestUpstream::external(trailer_upstream().await);
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    for http2 in [true, false] {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build_http::<Full<Bytes>>();
+        let request = Request::post(gateway.url("/grpc.Echo/Say"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(
+            response.headers()["x-te-seen"],
+            "trailers",
+            "TE: trailers reached the upstream"
+        );
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        assert_eq!(
+            trailers.as_ref().and_then(|t| t.get("grpc-status")),
+            Some(&http::HeaderValue::from_static("0")),
+            "http2: {http2}, trailers: {trailers:?}"
+        );
+        assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
+    }
+}
