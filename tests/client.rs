@@ -63,3 +63,112 @@ pub async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8], wait: Duration) 
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
     out
 }
+
+/// One client connection written to and read from by hand, for keep-alive and framing tests.
+pub struct RawConnection {
+    stream: TcpStream,
+    buffered: Vec<u8>,
+}
+
+/// A response read off a [`RawConnection`]: the head as text, and the body.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The value of the first header called `name`, ignoring case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+impl RawConnection {
+    pub async fn open(addr: std::net::SocketAddr) -> RawConnection {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        RawConnection {
+            stream,
+            buffered: Vec::new(),
+        }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Reads one response whose body is framed by `Content-Length` (none for `head_only`);
+    /// `None` if the connection closed first. Gives up after 10 s.
+    pub async fn response(&mut self, head_only: bool) -> Option<RawResponse> {
+        let read = tokio::time::timeout(Duration::from_secs(10), self.read_response(head_only));
+        read.await.expect("a response within 10 s")
+    }
+
+    async fn read_response(&mut self, head_only: bool) -> Option<RawResponse> {
+        let end = loop {
+            if let Some(end) = find(&self.buffered, b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&self.buffered[..end]).into_owned();
+        self.buffered.drain(..end);
+        let mut response = RawResponse {
+            head,
+            body: Vec::new(),
+        };
+        let length: usize = match response.header("content-length") {
+            Some(length) if !head_only => length.parse().expect("a length"),
+            _ => 0,
+        };
+        while self.buffered.len() < length {
+            self.fill().await?;
+        }
+        response.body = self.buffered.drain(..length).collect();
+        Some(response)
+    }
+
+    /// Whether the gateway closes the connection within `wait` (reading and dropping anything
+    /// it still sends).
+    pub async fn is_closed_within(&mut self, wait: Duration) -> bool {
+        let mut rest = Vec::new();
+        matches!(
+            tokio::time::timeout(wait, self.stream.read_to_end(&mut rest)).await,
+            Ok(Ok(_)) | Ok(Err(_))
+        )
+    }
+
+    /// Reads at least `n` bytes past any response already read.
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        while self.buffered.len() < n {
+            self.fill().await.expect("more bytes");
+        }
+        self.buffered.drain(..n).collect()
+    }
+
+    async fn fill(&mut self) -> Option<()> {
+        let mut chunk = [0; 16 * 1024];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                self.buffered.extend_from_slice(&chunk[..n]);
+                Some(())
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,11 +27,14 @@ pub struct Recorded {
 /// An upstream server on a free loopback port, recording every request it receives.
 ///
 /// A request with an `x-delay-ms` header is answered after that delay; an
-/// `x-chaos-request-tag` request header comes back as `x-echo-request-tag`.
+/// `x-chaos-request-tag` request header comes back as `x-echo-request-tag`. A request with
+/// `x-respond-status` is answered with that status and no body, and `x-respond-length` sets
+/// the response's `Content-Length` (for HEAD).
 #[derive(Debug, Clone)]
 pub struct TestUpstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl TestUpstream {
@@ -40,8 +44,27 @@ impl TestUpstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let received = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(accept(listener, received.clone()));
-        TestUpstream { addr, received }
+        let connections = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(accept(listener, received.clone(), connections.clone()));
+        TestUpstream {
+            addr,
+            received,
+            connections,
+        }
+    }
+
+    /// Stands for an upstream the test runs itself at `addr`; it records nothing.
+    pub fn external(addr: SocketAddr) -> TestUpstream {
+        TestUpstream {
+            addr,
+            received: Arc::default(),
+            connections: Arc::default(),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Every request received so far.
@@ -57,11 +80,16 @@ impl TestUpstream {
     }
 }
 
-async fn accept(listener: TcpListener, received: Arc<Mutex<Vec<Recorded>>>) {
+async fn accept(
+    listener: TcpListener,
+    received: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<AtomicUsize>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        connections.fetch_add(1, Ordering::SeqCst);
         let received = received.clone();
         let service = service_fn(move |request| echo(request, received.clone()));
         tokio::spawn(async move {
@@ -83,6 +111,11 @@ async fn echo(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let request_tag = parts.headers.get("x-chaos-request-tag").cloned();
+    let status = parts
+        .headers
+        .get("x-respond-status")
+        .and_then(|v| http::StatusCode::from_bytes(v.as_bytes()).ok());
+    let length = parts.headers.get("x-respond-length").cloned();
     let delay = parts
         .headers
         .get("x-delay-ms")
@@ -106,7 +139,17 @@ async fn echo(
     if let Some(ms) = delay {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let mut response = Response::new(Full::new(Bytes::from(echo.to_string())));
+    let body = match (status, &length) {
+        (None, None) => Bytes::from(echo.to_string()),
+        _ => Bytes::new(),
+    };
+    let mut response = Response::new(Full::new(body));
+    if let Some(status) = status {
+        *response.status_mut() = status;
+    }
+    if let Some(length) = length {
+        response.headers_mut().insert("content-length", length);
+    }
     response
         .headers_mut()
         .insert("content-type", "application/json".parse().expect("valid"));

@@ -31,6 +31,8 @@ pub struct Config {
     #[serde(default)]
     pub runtime: Runtime,
     #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
     pub plugins: Vec<Plugin>,
@@ -54,6 +56,40 @@ pub struct Listener {
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[serde(with = "millis")]
     pub shutdown_grace_ms: Duration,
+    /// Largest request header section (request line and headers) accepted: a larger one is
+    /// answered 431 and the connection closed. At least 8192.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query) accepted: a longer one is answered 414 and the
+    /// connection closed.
+    pub max_uri_bytes: usize,
+    /// Proxies in front of the gateway, as CIDR blocks (`10.0.0.0/8`, `192.0.2.7/32`). Their
+    /// `X-Forwarded-*` and `Forwarded` headers are extended; anyone else's are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// TLS on this listener; plain HTTP when absent.
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings of the listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first; relative to the config file's folder. Read again
+    /// when it changes.
+    pub cert_path: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_path: PathBuf,
+}
+
+/// The access log: one JSON line per request.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// A file to append to; standard output when absent.
+    pub path: Option<PathBuf>,
+    /// Lines waiting to be written; when full, lines are dropped and counted rather than
+    /// slowing requests down.
+    pub buffer_lines: usize,
 }
 
 /// The admin listener: health and metrics.
@@ -187,6 +223,13 @@ impl Config {
         for plugin in &mut config.plugins {
             plugin.path = base.join(&plugin.path);
         }
+        if let Some(log) = &mut config.access_log.path {
+            *log = base.join(&*log);
+        }
+        if let Some(tls) = &mut config.listener.tls {
+            tls.cert_path = base.join(&tls.cert_path);
+            tls.key_path = base.join(&tls.key_path);
+        }
         Ok(config)
     }
 
@@ -204,6 +247,10 @@ impl Config {
     /// Everything wrong with the references and values of a parsed config.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        self.listener.check(&mut problems);
+        if self.access_log.buffer_lines == 0 {
+            problems.push("access_log: buffer_lines must be at least 1".to_string());
+        }
         let upstreams = unique_names(
             "upstream",
             self.upstreams.iter().map(|u| &u.name),
@@ -226,6 +273,25 @@ impl Config {
             route.check(&upstreams, &plugins, &mut problems);
         }
         problems
+    }
+}
+
+// === impl Listener ===
+
+impl Listener {
+    /// The smallest header limit: hyper's read buffer cannot be smaller.
+    const MIN_HEADER_BYTES: usize = 8192;
+
+    fn check(&self, problems: &mut Vec<String>) {
+        if self.max_header_bytes < Self::MIN_HEADER_BYTES {
+            problems.push(format!(
+                "listener: max_header_bytes must be at least {}",
+                Self::MIN_HEADER_BYTES
+            ));
+        }
+        if self.max_uri_bytes == 0 {
+            problems.push("listener: max_uri_bytes must be at least 1".to_string());
+        }
     }
 }
 
@@ -319,6 +385,22 @@ impl Default for Listener {
             max_connections: 10_000,
             max_body_bytes: 10 << 20,
             shutdown_grace_ms: Duration::from_secs(30),
+            // Envoy's default is 60 KiB, nginx's 32 KiB in four buffers.
+            max_header_bytes: 64 << 10,
+            // nginx's default buffer for a request line.
+            max_uri_bytes: 8 << 10,
+            trusted_proxies: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        AccessLog {
+            enabled: false,
+            path: None,
+            buffer_lines: 8192,
         }
     }
 }
@@ -452,5 +534,24 @@ mod tests {
         );
         let err = Config::parse(&text).expect_err("dangling");
         assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_or_addresses() {
+        let text = format!(
+            "[listener]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1/128\", \"192.168.1.7/32\"]\n{MINIMAL}"
+        );
+        let config = Config::parse(&text).expect("valid");
+        assert_eq!(config.listener.trusted_proxies.len(), 3);
+
+        let text = format!("[listener]\ntrusted_proxies = [\"10.0.0.300/8\"]\n{MINIMAL}");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
+    fn a_header_limit_below_hypers_buffer_is_refused() {
+        let text = format!("[listener]\nmax_header_bytes = 1024\n{MINIMAL}");
+        let err = Config::parse(&text).expect_err("too small");
+        assert!(err.to_string().contains("max_header_bytes"), "{err}");
     }
 }

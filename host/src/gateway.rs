@@ -19,7 +19,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::llm::LlmRoute;
 use crate::metrics::Metrics;
 use crate::plugin::{Plugin, Runtime, digest};
-use crate::proxy::{Route, Router};
+use crate::proxy::{Route, Router, TrustedProxies};
 use crate::upstream::Upstream;
 
 /// How often idle rate-limit keys are forgotten.
@@ -33,6 +33,10 @@ pub struct Snapshot {
     pub router: Router,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    /// Longest request target accepted.
+    pub max_uri_bytes: usize,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: TrustedProxies,
     config: Config,
     plugins: HashMap<String, Arc<Plugin>>,
     upstreams: HashMap<String, Arc<Upstream>>,
@@ -139,6 +143,10 @@ impl std::fmt::Debug for Gateway {
 /// Checks a configuration the way a start would: compiles and links every plugin and runs
 /// its configuration check, reporting every problem found.
 pub async fn check(config: &Config) -> Result<(), ConfigError> {
+    if let Some(tls) = &config.listener.tls {
+        crate::proxy::tls::check(tls)
+            .map_err(|err| ConfigError::one(format!("listener: {err:#}")))?;
+    }
     Gateway::new(config, Metrics::new()).await.map(drop)
 }
 
@@ -147,6 +155,8 @@ pub async fn check(config: &Config) -> Result<(), ConfigError> {
 fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     let listener = |c: &Config| config::Listener {
         max_body_bytes: 0,
+        max_uri_bytes: 0,
+        trusted_proxies: Vec::new(),
         ..c.listener.clone()
     };
     let changed = if listener(current) != listener(next) {
@@ -155,12 +165,14 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
         "[admin]"
     } else if current.runtime != next.runtime {
         "[runtime]"
+    } else if current.access_log != next.access_log {
+        "[access_log]"
     } else {
         return None;
     };
     Some(format!(
-        "{changed} changed: restart the gateway to apply it (only `max_body_bytes` of \
-         [listener] can change on reload)"
+        "{changed} changed: restart the gateway to apply it (of [listener], only \
+         `max_body_bytes`, `max_uri_bytes` and `trusted_proxies` can change on reload)"
     ))
 }
 
@@ -277,6 +289,8 @@ async fn build_snapshot(
         generation,
         router: Router::new(routes.collect()),
         max_body_bytes: config.listener.max_body_bytes,
+        max_uri_bytes: config.listener.max_uri_bytes,
+        trusted_proxies: TrustedProxies::new(config.listener.trusted_proxies.clone()),
         config: config.clone(),
         plugins,
         upstreams,

@@ -3,9 +3,10 @@
 //!
 //! The modules follow a request: [`proxy`] accepts it, matches a route and forwards it; the
 //! route's policies run in the [`plugin`] runtime; [`gateway`] holds the configuration
-//! snapshot each request uses; [`admin`] and [`metrics`] show what is happening; [`config`]
-//! reads the TOML file everything is built from.
+//! snapshot each request uses; [`admin`], [`metrics`] and [`access_log`] show what is
+//! happening; [`config`] reads the TOML file everything is built from.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod config;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub use access_log::AccessLog;
 pub use config::{Config, ConfigError};
 pub use gateway::Gateway;
 pub use metrics::Metrics;
@@ -35,6 +37,7 @@ pub struct Server {
     gateway: Arc<Gateway>,
     listener: TcpListener,
     admin: TcpListener,
+    front: proxy::Front,
     config: Config,
     reload: Option<ReloadHandle>,
 }
@@ -45,10 +48,18 @@ impl Server {
         let gateway = Gateway::new(&config, Metrics::new()).await?;
         let listener = bind(config.listener.address, "listener").await?;
         let admin = bind(config.admin.address, "admin listener").await?;
+        let access_log = AccessLog::start(&config.access_log, gateway.metrics()).await?;
+        let tls = config
+            .listener
+            .tls
+            .as_ref()
+            .map(proxy::tls::acceptor)
+            .transpose()?;
         Ok(Server {
             gateway,
             listener,
             admin,
+            front: proxy::Front { access_log, tls },
             config,
             reload: None,
         })
@@ -92,9 +103,18 @@ impl Server {
         let limits = proxy::ConnectionLimits {
             max_connections: listener.max_connections,
             header_read_timeout: listener.header_read_timeout_ms,
+            max_header_bytes: listener.max_header_bytes,
         };
         let grace = listener.shutdown_grace_ms;
-        proxy::serve(self.listener, self.gateway, limits, shutdown, grace).await;
+        proxy::serve(
+            self.listener,
+            self.gateway,
+            self.front,
+            limits,
+            shutdown,
+            grace,
+        )
+        .await;
         admin.abort();
     }
 }

@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::config::{self, Consumer, Provider};
 use crate::metrics::LlmMetrics;
 use crate::proxy::Body;
-use crate::upstream::{Lease, Outgoing, Upstream, UpstreamError};
+use crate::upstream::{ClientBody, Lease, Outgoing, Upstream, UpstreamError};
 use budget::{Charge, ConsumerBudgets};
 use deployment::{Deployment, retry_after};
 use request::{Api, LlmRequest};
@@ -128,7 +128,7 @@ impl LlmRoute {
         route: &str,
         fallback: &Upstream,
         parts: Parts,
-        body: Incoming,
+        body: ClientBody,
         client: IpAddr,
     ) -> Result<(Response<Body>, Lease), LlmError> {
         let mut parts = parts;
@@ -158,7 +158,7 @@ impl LlmRoute {
         self.dispatch(deployments, pending, charge).await
     }
 
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, LlmError> {
+    async fn read_body(&self, body: ClientBody) -> Result<Bytes, LlmError> {
         let limit = usize::try_from(self.settings.max_request_bytes).unwrap_or(usize::MAX);
         match Limited::new(body, limit).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),

@@ -1,8 +1,8 @@
 //! The gateway's Prometheus metrics, held in one registry that is passed down explicitly.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::admission::GateGauges;
@@ -49,6 +49,7 @@ pub struct Metrics {
     plugin_wait: HistogramVec,
     plugin_waiting: IntGaugeVec,
     plugin_recycled: IntCounterVec,
+    pub access_log_dropped: IntCounter,
 }
 
 /// One route's metrics, with labels resolved once when the route is built.
@@ -290,6 +291,17 @@ impl Metrics {
                 "Plugin instances thrown away instead of reused, by plugin and reason.",
                 &["plugin", "reason"],
             ),
+            access_log_dropped: {
+                let metric = IntCounter::new(
+                    "sluice_access_log_dropped_total",
+                    "Access log lines dropped because the writer had fallen behind or failed.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric names are unique");
+                metric
+            },
             registry,
         }
     }

@@ -2,18 +2,25 @@
 //! stream the response back.
 
 mod body;
+mod forwarded;
+mod framing;
 mod handler;
 mod headers;
+mod identity;
 mod path;
 mod router;
 mod server;
+pub mod tls;
+mod upgrade;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
+pub use body::Counted;
+pub use forwarded::TrustedProxies;
 pub use handler::handle;
 pub use router::{Route, Router};
-pub use server::{ConnectionLimits, serve};
+pub use server::{ConnectionLimits, Front, serve};
 
 /// Errors from a streamed body, whichever side it came from.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

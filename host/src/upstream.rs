@@ -33,8 +33,8 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 
 use balance::Balancer;
 use breaker::Breaker;
+pub use retry::{ClientBody, Outgoing, RequestBody};
 use retry::{InFlight, Reason, Replay, Retries};
-pub use retry::{Outgoing, RequestBody};
 use target::{TargetLease, Targets};
 
 /// A named group of servers sharing one keep-alive connection pool and one bulkhead.

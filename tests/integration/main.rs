@@ -3,6 +3,7 @@
 //! policies first.
 
 mod check;
+mod edge;
 mod llm;
 mod overload;
 mod policies;

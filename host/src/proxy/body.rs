@@ -1,9 +1,15 @@
-//! A response body that keeps something alive until its last byte is sent.
+//! Body wrappers: one keeps something alive until the last byte is sent, one counts bytes,
+//! one writes the access log line when the response ends.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
+
+use crate::access_log::Pending;
 
 /// Wraps a body and holds `guard` (slots, a configuration snapshot) until the body is
 /// finished or dropped, whichever comes first.
@@ -44,5 +50,112 @@ impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts the data bytes of a body as they pass, into a counter others can read.
+#[derive(Debug)]
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B: Body + Unpin> Body for Counted<B>
+where
+    B::Data: Buf,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count
+                .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body whose access log line is written when it ends or is dropped, with the
+/// bytes that were sent.
+#[derive(Debug)]
+pub struct Logged<B> {
+    inner: B,
+    bytes: u64,
+    line: Option<Pending>,
+}
+
+impl<B> Logged<B> {
+    pub fn new(inner: B, line: Pending) -> Self {
+        Logged {
+            inner,
+            bytes: 0,
+            line: Some(line),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(line) = self.line.take() {
+            line.finish(self.bytes);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Logged<B>
+where
+    B::Data: Buf,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let sent = frame.data_ref().map_or(0, |data| data.remaining());
+                self.bytes += sent as u64;
+            }
+            Poll::Ready(_) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Logged<B> {
+    fn drop(&mut self) {
+        // A body cut short (the client went away, an upstream error) still gets its line.
+        self.finish();
     }
 }

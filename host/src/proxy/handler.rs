@@ -1,7 +1,8 @@
-//! The life of one request: route, request policies, upstream, response policies.
+//! The life of one request: identify it, route it, run the request policies, forward it
+//! upstream, run the response policies, and log it once its response has been sent.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,13 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use super::body::Guarded;
-use super::headers::{set_forwarded, strip_hop_by_hop};
+use super::body::{Counted, Guarded, Logged};
+use super::headers::{strip_request_hop_by_hop, strip_response_hop_by_hop};
+use super::identity::{self, Identity, X_REQUEST_ID};
 use super::path::{self, PathError};
+use super::upgrade::{self, Upgrade};
 use super::{Body, Route};
+use crate::access_log::{AccessLog, Entry, Unanswered, millis};
 use crate::admission::Refused;
 use crate::config::OnError;
 use crate::gateway::Snapshot;
@@ -39,6 +43,16 @@ enum Outcome {
 
 /// Names the plugin whose failure the gateway answered for.
 const PLUGIN_HEADER: &str = "x-sluice-plugin";
+
+/// What the gateway knows about a request before routing it.
+struct Arrival {
+    started: Instant,
+    /// The address the connection came from.
+    peer: SocketAddr,
+    /// The client, once trusted proxies in front of the gateway are looked through.
+    client: IpAddr,
+    upgrade: Option<Upgrade>,
+}
 
 /// Why the gateway answered a request itself rather than with an upstream response.
 #[derive(Debug)]
@@ -70,48 +84,112 @@ impl From<LlmError> for Rejection {
 ///
 /// The snapshot, the route's admission slot and the upstream's bulkhead slot stay with the
 /// response body until its last byte is sent, so in-flight counts cover streaming responses
-/// and a request finishes on the configuration it started with.
+/// and a request finishes on the configuration it started with. The access log line is
+/// written then too.
 pub async fn handle(
     snapshot: Arc<Snapshot>,
     metrics: &Metrics,
+    access_log: &AccessLog,
     request: Request<Incoming>,
-    client: SocketAddr,
+    peer: SocketAddr,
+    secure: bool,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut request = request;
-    if let Err(reason) = normalize_path(&mut request) {
-        let response = error_response(StatusCode::BAD_REQUEST, reason);
-        metrics.request("", response.status(), started.elapsed().as_secs_f64());
-        return response;
+    let upgrade = Upgrade::take(&mut request);
+    // Before anything else is set: `Connection` may name any header, ours included.
+    strip_request_hop_by_hop(request.headers_mut());
+    let identity = identity::assign(request.headers_mut());
+    let arrival = Arrival {
+        started,
+        peer,
+        client: snapshot
+            .trusted_proxies
+            .client_addr(request.headers(), peer),
+        upgrade,
+    };
+    let host = request_host(&request);
+    let trusted = &snapshot.trusted_proxies;
+    let scheme = if secure { "https" } else { "http" };
+    trusted.set_headers(request.headers_mut(), peer, host.as_ref(), scheme);
+    let entry = log_entry(access_log, &request, &identity, &arrival);
+    let mut line = Unanswered::new(access_log, entry, started);
+
+    let mut response = serve(snapshot, metrics, request, arrival, line.entry()).await;
+
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), identity.request_id);
+    let line = line.answered(response.status());
+    match access_log.is_enabled() {
+        true => response.map(|body| Logged::new(body, line).boxed()),
+        false => response,
+    }
+}
+
+/// The start of the request's access log line; empty when the log is off, since its text
+/// costs a few allocations.
+fn log_entry<B>(
+    access_log: &AccessLog,
+    request: &Request<B>,
+    identity: &Identity,
+    arrival: &Arrival,
+) -> Entry {
+    if !access_log.is_enabled() {
+        return Entry::default();
+    }
+    let mut entry = Entry::new(request, arrival.client, arrival.peer);
+    entry.request_id = String::from_utf8_lossy(identity.request_id.as_bytes()).into_owned();
+    entry.trace_id = identity.trace_id.clone();
+    entry
+}
+
+/// Routes the request, waits for a slot and proxies it.
+async fn serve(
+    snapshot: Arc<Snapshot>,
+    metrics: &Metrics,
+    mut request: Request<Incoming>,
+    arrival: Arrival,
+    entry: &mut Entry,
+) -> Response<Body> {
+    let started = arrival.started;
+    if let Err((status, reason)) = check_target(&mut request, snapshot.max_uri_bytes) {
+        entry.reason = Some(reason);
+        metrics.request("", status, started.elapsed().as_secs_f64());
+        return refusal(status, reason);
     }
     let host = request_host(&request);
     let host = host.as_ref().and_then(|h| h.to_str().ok());
     let Some(route) = snapshot.router.find(host, request.uri().path()) else {
+        entry.reason = Some("no_route");
         let response = error_response(StatusCode::NOT_FOUND, "no_route");
         metrics.request("", response.status(), started.elapsed().as_secs_f64());
         return response;
     };
+    entry.route = Some(route.name.clone());
+    entry.upstream = Some(route.upstream.name.clone());
 
     let admitted = route.admission.enter().await;
-    route
-        .metrics
-        .queue_wait
-        .observe(started.elapsed().as_secs_f64());
+    let queued = started.elapsed();
+    route.metrics.queue_wait.observe(queued.as_secs_f64());
+    entry.queue_ms = millis(queued);
     let response = match admitted {
-        Err(Refused::QueueFull) => Rejection::QueueFull.respond(route, metrics),
-        Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics),
+        Err(Refused::QueueFull) => Rejection::QueueFull.respond(route, metrics, entry),
+        Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics, entry),
         Ok(route_slot) => {
-            let proxied = proxy(route, metrics, request, client, snapshot.max_body_bytes);
+            let max_body_bytes = snapshot.max_body_bytes;
+            let proxied = proxy(route, metrics, request, arrival, max_body_bytes, entry);
             match tokio::time::timeout(route.request_timeout, proxied).await {
-                Ok(Ok((response, upstream_lease))) => {
+                Ok(Ok((response, upstream_slot))) => {
                     if response.headers().contains_key(PLUGIN_HEADER) {
                         metrics.rejected(&route.name, "policy_failed");
+                        entry.reason = Some("policy_failed");
                     }
-                    let held = (route_slot, upstream_lease, snapshot.clone());
+                    let held = (route_slot, upstream_slot, snapshot.clone());
                     response.map(|body| Guarded::new(body, held).boxed())
                 }
-                Ok(Err(rejection)) => rejection.respond(route, metrics),
-                Err(_) => Rejection::RequestTimeout.respond(route, metrics),
+                Ok(Err(rejection)) => rejection.respond(route, metrics, entry),
+                Err(_) => Rejection::RequestTimeout.respond(route, metrics, entry),
             }
         }
     };
@@ -129,8 +207,9 @@ async fn proxy(
     route: &Route,
     metrics: &Metrics,
     request: Request<Incoming>,
-    client: SocketAddr,
+    arrival: Arrival,
     max_body_bytes: u64,
+    entry: &mut Entry,
 ) -> Result<(Response<Body>, Option<Lease>), Rejection> {
     if declared_length(request.headers()).is_some_and(|length| length > max_body_bytes) {
         return Err(Rejection::BodyTooLarge);
@@ -141,33 +220,40 @@ async fn proxy(
         // HTTP/2 clients send `:authority` instead; the upstream speaks HTTP/1.1 and needs Host.
         parts.headers.insert(header::HOST, host.clone());
     }
-    strip_hop_by_hop(&mut parts.headers);
     if route.llm.is_some() {
         // Only the route's policies may replace the token estimate.
         parts.headers.remove(crate::llm::ESTIMATE_HEADER);
     }
-    set_forwarded(&mut parts.headers, client.ip(), host.as_ref());
 
-    let (parts, head) = match request_phase(route, parts, client).await {
+    let policies = Instant::now();
+    let outcome = request_phase(route, parts, arrival.client).await;
+    entry.policies_ms = millis(policies.elapsed());
+    let (mut parts, head) = match outcome {
         Outcome::Forward(parts, head) => (parts, head),
         Outcome::Answer(response) => {
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 metrics.rejected(&route.name, "rate_limited");
+                entry.reason = Some("rate_limited");
             }
             return Ok((response, None));
         }
     };
+    if let Some(upgrade) = &arrival.upgrade {
+        upgrade.restore_request_headers(&mut parts.headers);
+    }
 
-    let (response, lease) = match &route.llm {
+    let body = Counted::new(body, entry.body_in.clone());
+    let sent = Instant::now();
+    let (mut response, lease) = match &route.llm {
         Some(llm) if llm.applies(&parts) => {
-            let sent = llm.forward(&route.name, &route.upstream, parts, body, client.ip());
-            sent.await.map_err(Rejection::from)?
+            let forwarded = llm.forward(&route.name, &route.upstream, parts, body, arrival.client);
+            forwarded.await.map_err(Rejection::from)?
         }
         _ => {
             let body = Limited::new(body, usize::try_from(max_body_bytes).unwrap_or(usize::MAX));
             let request = Request::from_parts(parts, Outgoing::Streamed(body));
             let upstream = (route.upstream)
-                .send(request, client.ip(), route.retry_non_idempotent)
+                .send(request, arrival.client, route.retry_non_idempotent)
                 .await;
             let (response, lease) = upstream.map_err(|err| match err {
                 UpstreamError::BodyTooLarge => Rejection::BodyTooLarge,
@@ -176,11 +262,22 @@ async fn proxy(
             (response.map(|body| body.map_err(Into::into).boxed()), lease)
         }
     };
-    Ok((response_phase(route, &head, response).await, Some(lease)))
+    entry.upstream_ms = Some(millis(sent.elapsed()));
+    let upgraded = arrival
+        .upgrade
+        .and_then(|upgrade| upgrade.accept(&mut response, arrival.peer));
+
+    let policies = Instant::now();
+    let mut response = response_phase(route, &head, response).await;
+    entry.policies_ms += millis(policies.elapsed());
+    if let Some(protocol) = upgraded {
+        upgrade::restore_response_headers(response.headers_mut(), protocol);
+    }
+    Ok((response, Some(lease)))
 }
 
 /// Runs each policy's request phase in order, applying its changes before the next one.
-async fn request_phase(route: &Route, mut parts: Parts, client: SocketAddr) -> Outcome {
+async fn request_phase(route: &Route, mut parts: Parts, client: IpAddr) -> Outcome {
     if route.policies.is_empty() {
         // Nothing will read the head: skip copying every header into it.
         let head = RequestHead {
@@ -223,7 +320,7 @@ async fn response_phase(
     response: Response<Body>,
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_response_hop_by_hop(&mut parts.headers);
 
     for plugin in route.policies.iter().rev() {
         let head = ResponseHead {
@@ -281,9 +378,10 @@ fn plugin_failed(plugin: &Plugin, failure: PluginFailure) -> Option<Response<Bod
 }
 
 impl Rejection {
-    fn respond(self, route: &Route, metrics: &Metrics) -> Response<Body> {
+    fn respond(self, route: &Route, metrics: &Metrics, entry: &mut Entry) -> Response<Body> {
         let (status, reason) = self.status_and_reason();
         metrics.rejected(&route.name, reason);
+        entry.reason = Some(reason);
         match &self {
             Rejection::Upstream(UpstreamError::ClientBody(err)) | Rejection::ClientBody(err) => {
                 tracing::debug!(route = &*route.name, reason, "client body failed: {err}");
@@ -341,6 +439,25 @@ impl Rejection {
     }
 }
 
+/// Refuses a request target over `max_uri_bytes`, then resolves dot segments in the path.
+fn check_target(
+    request: &mut Request<Incoming>,
+    max_uri_bytes: usize,
+) -> Result<(), (StatusCode, &'static str)> {
+    let uri = request.uri();
+    let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    if length > max_uri_bytes {
+        tracing::debug!(
+            length,
+            max_uri_bytes,
+            "refused a request target over the limit"
+        );
+        return Err((StatusCode::URI_TOO_LONG, "uri_too_long"));
+    }
+    normalize_path(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))
+}
+
 /// Resolves dot segments in the request's path, so that routes, policies and the upstream
 /// all see the same path; the reason to answer 400 when the path is refused.
 fn normalize_path(request: &mut Request<Incoming>) -> Result<(), &'static str> {
@@ -378,6 +495,18 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// An error for a request refused before routing. After a malformed or oversized request
+/// the connection is closed: what follows it on the connection cannot be trusted either.
+fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut response = error_response(status, reason);
+    if status == StatusCode::URI_TOO_LONG {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// A small JSON error that names the reason, so clients and operators can tell causes apart.
 pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": reason }).to_string();
@@ -400,7 +529,7 @@ fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
     }
 }
 
-fn request_head(parts: &Parts, route: &str, client: SocketAddr) -> RequestHead {
+fn request_head(parts: &Parts, route: &str, client: IpAddr) -> RequestHead {
     RequestHead {
         method: parts.method.as_str().to_string(),
         path_and_query: parts
@@ -409,7 +538,7 @@ fn request_head(parts: &Parts, route: &str, client: SocketAddr) -> RequestHead {
             .map_or("/", |pq| pq.as_str())
             .to_string(),
         headers: wit_headers(&parts.headers),
-        client_addr: client.ip().to_string(),
+        client_addr: client.to_string(),
         route: route.to_string(),
     }
 }

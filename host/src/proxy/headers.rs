@@ -1,6 +1,4 @@
-//! Header rules at the proxy boundary: hop-by-hop headers and the forwarding headers.
-
-use std::net::IpAddr;
+//! Hop-by-hop headers, which describe one connection and are never forwarded.
 
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
@@ -18,9 +16,31 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Removes a request's hop-by-hop headers, then says `TE: trailers` again if the client
+/// said it: it means the client accepts trailers, which gRPC needs end to end (nginx's
+/// `grpc_pass` and Envoy forward it the same way).
+pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes a response's hop-by-hop headers but keeps `Trailer`: it announces the trailer
+/// fields at the end of the body, which HTTP/1.1 needs to send them on.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    let trailer = headers.remove(header::TRAILER);
+    strip_hop_by_hop(headers);
+    if let Some(trailer) = trailer {
+        headers.insert(header::TRAILER, trailer);
+    }
+}
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -34,25 +54,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-}
-
-/// Sets the forwarding headers from what the gateway saw itself.
-///
-/// Values a client sent are replaced, not extended: the gateway trusts no proxy in front of
-/// it, so a client cannot choose the address that policies and rate limits see upstream.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    headers.remove(header::FORWARDED);
-    headers.insert(X_FORWARDED_FOR.clone(), ip_value(client));
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
-}
-
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    // NB: the text form of an IP address is always a valid header value.
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]
@@ -75,12 +76,14 @@ mod tests {
     }
 
     #[test]
-    fn client_forwarding_headers_are_replaced() {
+    fn te_trailers_is_said_again_and_nothing_else_of_te() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
-        headers.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
-        set_forwarded(&mut headers, "10.0.0.1".parse().unwrap(), None);
-        assert_eq!(headers["x-forwarded-for"], "10.0.0.1");
-        assert!(!headers.contains_key(header::FORWARDED));
+        headers.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        strip_request_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_request_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key(header::TE));
     }
 }

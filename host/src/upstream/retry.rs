@@ -12,16 +12,20 @@ use hyper::body::{Body as _, Incoming};
 
 use super::UpstreamError;
 use crate::config;
+use crate::proxy::Counted;
 
 /// A request body on its way upstream: streamed from the client (cut off past the gateway's
 /// size limit), or held whole so that it can be sent again.
-pub type RequestBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type RequestBody = Either<Limited<ClientBody>, Full<Bytes>>;
+
+/// The client's request body, counted as it passes for the access log.
+pub type ClientBody = Counted<Incoming>;
 
 /// A request body as handed to the upstream: still streaming from the client, or read whole
 /// by the gateway already.
 #[derive(Debug)]
 pub enum Outgoing {
-    Streamed(Limited<Incoming>),
+    Streamed(Limited<ClientBody>),
     Whole(Bytes),
 }
 
@@ -66,7 +70,7 @@ pub enum Replay {
     /// Held whole (perhaps empty); every attempt sends a copy.
     Held(Bytes),
     /// Streamed from the client, so it can be sent once; `None` once it has been.
-    Streamed(Option<Limited<Incoming>>),
+    Streamed(Option<Limited<ClientBody>>),
 }
 
 // === impl Retries ===

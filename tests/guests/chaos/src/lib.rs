@@ -1,8 +1,8 @@
 //! A policy that misbehaves on purpose, for the gateway's integration tests.
 //!
-//! Its `mode` setting picks the misbehaviour; every mode except `loop`, `alloc` and `crlf`
-//! tags the request with how many calls this instance has served and when it was created,
-//! so tests can tell a reused instance from a fresh one.
+//! Its `mode` setting picks the misbehaviour. `count` and `trap-on-header` tag the request
+//! with how many calls this instance has served and when it was created, so tests can tell a
+//! reused instance from a fresh one.
 
 use std::cell::Cell;
 
@@ -34,6 +34,10 @@ enum Mode {
     Crlf,
     /// Read every header as text and report how many were UTF-8.
     Inspect,
+    /// Copy what the policy sees into request headers: the client address into
+    /// `x-seen-client`, the path as received into `x-seen-path`, and the path with its percent
+    /// escapes decoded into `x-decoded-path` (so an encoded CR LF becomes a raw one).
+    Mirror,
 }
 
 struct Chaos {
@@ -65,6 +69,7 @@ impl Policy for Chaos {
                 panic!("asked to trap")
             }
             Mode::Inspect => inspect(request).into(),
+            Mode::Mirror => mirror(request).into(),
             Mode::Count | Mode::TrapOnHeader => self.count().into(),
         }
     }
@@ -116,6 +121,36 @@ fn inspect(request: &Request) -> RequestChanges {
     RequestChanges::new()
         .set_header("x-headers-text", text.to_string())
         .set_header("x-headers-binary", (names.len() - text).to_string())
+}
+
+fn mirror(request: &Request) -> RequestChanges {
+    let path = request.path_and_query();
+    RequestChanges::new()
+        .set_header("x-seen-client", request.client_addr())
+        .set_header("x-seen-path", path)
+        .set_header("x-decoded-path", percent_decode(path))
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (bytes[i], escaped) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 sluice_sdk::export_policy!(Chaos);

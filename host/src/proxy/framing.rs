@@ -1,0 +1,360 @@
+//! A check on HTTP/1.1 request framing that hyper leaves out: a request with both
+//! `Content-Length` and `Transfer-Encoding` is refused.
+//!
+//! hyper follows RFC 9112 there: `Transfer-Encoding` wins, `Content-Length` is dropped, and the
+//! connection is closed after the response. That is safe for hyper itself, but the request
+//! still reaches the upstream, and it is the classic shape of request smuggling: a front proxy
+//! that reads the length and a back server that reads the chunks disagree on where the request
+//! ends. The gateway refuses such a request outright, as nginx and Envoy do.
+//!
+//! hyper drops the evidence before the request reaches a service, so the check runs on the
+//! bytes as they are read. [`FramingCheck`] wraps the client connection and follows it request
+//! by request (head, then the body framed as hyper frames it). When a head carries both
+//! headers, the empty line that ends it is replaced by a byte no header may start with, so
+//! hyper's own parser refuses the request: 400, connection closed, nothing forwarded.
+//!
+//! The scanner only ever refuses; it never frames a request for hyper. Where it cannot follow
+//! the stream (HTTP/2, an upgrade, a chunk size it cannot read) it stops checking, and hyper's
+//! own handling (`Transfer-Encoding` wins, then close) still applies.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::Metrics;
+
+/// The most of a line the scanner keeps: enough for any header name it looks for and for a
+/// length or a chunk size.
+const LINE_KEPT: usize = 64;
+
+/// Replaces the CR of the empty line ending a refused head: no header name may contain NUL.
+const REFUSAL_BYTE: u8 = 0;
+
+/// A client connection whose request heads are checked as they are read.
+pub struct FramingCheck<IO> {
+    inner: IO,
+    scanner: Scanner,
+    client: SocketAddr,
+    metrics: Metrics,
+}
+
+/// Where in the request stream the scanner is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    RequestLine,
+    Headers,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    /// Not HTTP/1.1 requests any more (HTTP/2, an upgrade) or lost: bytes pass unchecked.
+    Opaque,
+}
+
+/// What the head being read has said so far.
+#[derive(Debug, Default)]
+struct Head {
+    content_length: Option<u64>,
+    chunked: bool,
+    upgrade: bool,
+}
+
+#[derive(Debug)]
+struct Scanner {
+    state: State,
+    line: Vec<u8>,
+    head: Head,
+}
+
+/// What scanning a byte asks of the caller.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Refuse,
+}
+
+// === impl FramingCheck ===
+
+impl<IO> FramingCheck<IO> {
+    pub fn new(inner: IO, client: SocketAddr, metrics: Metrics) -> Self {
+        FramingCheck {
+            inner,
+            scanner: Scanner::new(),
+            client,
+            metrics,
+        }
+    }
+
+    fn refused(&self) {
+        tracing::info!(
+            client.addr = %self.client,
+            "refused a request with both Content-Length and Transfer-Encoding"
+        );
+        self.metrics.rejected("", "ambiguous_framing");
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FramingCheck<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !matches!(polled, Poll::Ready(Ok(()))) || self.scanner.state == State::Opaque {
+            return polled;
+        }
+
+        let read = &mut buf.filled_mut()[before..];
+        let mut refusals = 0;
+        for byte in read.iter_mut() {
+            if self.scanner.scan(*byte) == Verdict::Refuse {
+                *byte = REFUSAL_BYTE;
+                refusals += 1;
+            }
+        }
+        for _ in 0..refusals {
+            self.refused();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingCheck<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// === impl Scanner ===
+
+impl Scanner {
+    fn new() -> Self {
+        Scanner {
+            state: State::RequestLine,
+            line: Vec::with_capacity(LINE_KEPT),
+            head: Head::default(),
+        }
+    }
+
+    /// Follows one byte of the client's stream.
+    fn scan(&mut self, byte: u8) -> Verdict {
+        match self.state {
+            State::Opaque => Verdict::Pass,
+            State::Body(left) => {
+                self.state = body_after(left - 1, State::RequestLine);
+                Verdict::Pass
+            }
+            State::ChunkData(left) => {
+                self.state = body_after(left - 1, State::ChunkEnd);
+                Verdict::Pass
+            }
+            _ if byte == b'\n' => self.end_of_line(),
+            _ => {
+                if self.line.len() < LINE_KEPT {
+                    self.line.push(byte);
+                }
+                Verdict::Pass
+            }
+        }
+    }
+
+    /// A line is complete: its CR, if any, is the last byte kept.
+    fn end_of_line(&mut self) -> Verdict {
+        let mut line = std::mem::take(&mut self.line);
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let verdict = match self.state {
+            State::RequestLine => {
+                self.request_line(&line);
+                Verdict::Pass
+            }
+            State::Headers if line.is_empty() => self.end_of_head(),
+            State::Headers => {
+                self.header(&line);
+                Verdict::Pass
+            }
+            State::ChunkSize => {
+                self.state = match chunk_size(&line) {
+                    Some(0) => State::Trailers,
+                    Some(size) => State::ChunkData(size),
+                    None => State::Opaque,
+                };
+                Verdict::Pass
+            }
+            State::ChunkEnd => {
+                self.state = State::ChunkSize;
+                Verdict::Pass
+            }
+            State::Trailers if line.is_empty() => {
+                self.state = State::RequestLine;
+                Verdict::Pass
+            }
+            _ => Verdict::Pass,
+        };
+        line.clear();
+        self.line = line;
+        verdict
+    }
+
+    fn request_line(&mut self, line: &[u8]) {
+        // Empty lines before a request line are allowed and skipped (RFC 9112, section 2.2).
+        if line.is_empty() {
+            return;
+        }
+        self.head = Head {
+            upgrade: line.starts_with(b"CONNECT "),
+            ..Head::default()
+        };
+        self.state = if line.starts_with(b"PRI * HTTP/2") {
+            State::Opaque
+        } else {
+            State::Headers
+        };
+    }
+
+    fn header(&mut self, line: &[u8]) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return;
+        };
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.head.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            self.head.content_length.get_or_insert(0);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.head.chunked = true;
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            self.head.upgrade = true;
+        }
+    }
+
+    /// The empty line after the headers: refuse an ambiguous head, else follow its body.
+    fn end_of_head(&mut self) -> Verdict {
+        let head = std::mem::take(&mut self.head);
+        if head.chunked && head.content_length.is_some() {
+            // hyper fails to parse this head and closes the connection: nothing follows.
+            self.state = State::Opaque;
+            return Verdict::Refuse;
+        }
+        self.state = match head {
+            // What follows a granted upgrade is not HTTP; a refused one is not checked either.
+            Head { upgrade: true, .. } => State::Opaque,
+            Head { chunked: true, .. } => State::ChunkSize,
+            Head {
+                content_length: Some(length),
+                ..
+            } => body_after(length, State::RequestLine),
+            _ => State::RequestLine,
+        };
+        Verdict::Pass
+    }
+}
+
+/// The state once `left` body bytes have been read: still in the body, or `next`.
+fn body_after(left: u64, next: State) -> State {
+    match (left, next) {
+        (0, next) => next,
+        (left, State::ChunkEnd) => State::ChunkData(left),
+        (left, _) => State::Body(left),
+    }
+}
+
+/// The size of a chunk from its size line (hex digits, then optional extensions).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let text = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(text, 16).ok()
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scans `stream` and returns the offsets of the bytes refused.
+    fn refused_at(stream: &[u8]) -> Vec<usize> {
+        let mut scanner = Scanner::new();
+        (0..stream.len())
+            .filter(|&i| scanner.scan(stream[i]) == Verdict::Refuse)
+            .collect()
+    }
+
+    #[test]
+    fn a_head_with_length_and_chunked_is_refused_at_its_last_line() {
+        let head = b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refused_at(head), [head.len() - 1]);
+        let reversed = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\n";
+        assert_eq!(refused_at(reversed), [reversed.len() - 1]);
+    }
+
+    #[test]
+    fn bodies_are_skipped_so_their_bytes_are_never_taken_for_heads() {
+        let smuggled =
+            b"GET /x HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"POST /a HTTP/1.1\r\nContent-Length: ");
+        stream.extend_from_slice(format!("{}\r\n\r\n", smuggled.len()).as_bytes());
+        stream.extend_from_slice(smuggled);
+        stream.extend_from_slice(b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        stream.extend_from_slice(format!("{:x};ext=1\r\n", smuggled.len()).as_bytes());
+        stream.extend_from_slice(smuggled);
+        stream.extend_from_slice(b"\r\n0\r\nx-trailer: 1\r\n\r\n");
+        assert!(refused_at(&stream).is_empty());
+
+        stream.extend_from_slice(smuggled);
+        assert_eq!(refused_at(&stream), [stream.len() - 1]);
+    }
+
+    #[test]
+    fn http2_and_upgrades_are_not_followed() {
+        let h2 =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
+        assert!(refused_at(h2).is_empty());
+        let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(refused_at(upgrade).is_empty());
+    }
+}

@@ -1,0 +1,127 @@
+//! WebSocket upgrades: forwarded, tunnelled end to end once the upstream answers 101, and
+//! not before.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice_tests::{RawConnection, TestGateway, TestUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::PLAIN_ROUTE;
+
+const UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// What the WebSocket upstream saw before it switched protocols.
+#[derive(Debug)]
+struct BeforeSwitch {
+    head: String,
+    early_bytes: usize,
+}
+
+/// An upstream that reads one request head, waits a moment (noting any bytes that arrive
+/// meanwhile), answers 101, then echoes everything back.
+async fn websocket_upstream() -> (SocketAddr, oneshot::Receiver<BeforeSwitch>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (report, reported) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut stream).await;
+        let mut early = [0; 64];
+        let early_bytes = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut early))
+            .await
+            .map_or(0, |read| read.unwrap_or(0));
+        let _ = report.send(BeforeSwitch { head, early_bytes });
+        stream
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let (mut read, mut write) = stream.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    });
+    (addr, reported)
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+#[tokio::test]
+async fn a_websocket_is_tunnelled_after_the_upstreams_101() {
+    let (upstream_addr, before_switch) = websocket_upstream().await;
+    let upstream = TestUpstream::external(upstream_addr);
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection.write(UPGRADE).await;
+    connection.write(b"early").await;
+    let switched = connection.response(true).await.expect("a response");
+    assert_eq!(switched.status(), 101, "{}", switched.head);
+    assert_eq!(switched.header("upgrade"), Some("websocket"));
+    assert!(
+        switched
+            .header("connection")
+            .unwrap()
+            .eq_ignore_ascii_case("upgrade")
+    );
+    assert_eq!(
+        switched.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+
+    let before = before_switch.await.unwrap();
+    assert!(
+        before.head.contains("upgrade: websocket"),
+        "{}",
+        before.head
+    );
+    assert!(
+        before.head.contains("connection: upgrade"),
+        "{}",
+        before.head
+    );
+    assert!(
+        before.head.contains("sec-websocket-key:"),
+        "{}",
+        before.head
+    );
+    assert_eq!(before.early_bytes, 0, "bytes were tunnelled before the 101");
+
+    assert_eq!(connection.read_exact(5).await, b"early");
+    connection.write(b"\x81\x05hello").await;
+    assert_eq!(connection.read_exact(7).await, b"\x81\x05hello");
+}
+
+#[tokio::test]
+async fn an_upgrade_the_upstream_declines_stays_plain_http() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection.write(UPGRADE).await;
+    let declined = connection.response(false).await.unwrap();
+    assert_eq!(declined.status(), 200);
+    assert!(!upstream.last().headers.contains_key("sec-websocket-accept"));
+
+    connection
+        .write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let after = connection.response(false).await.unwrap();
+    assert_eq!(after.status(), 200);
+    assert_eq!(upstream.last().path_and_query, "/after");
+}
