@@ -14,7 +14,7 @@
 //! hyper's own parser refuses the request: 400, connection closed, nothing forwarded.
 //!
 //! The scanner only ever refuses; it never frames a request for hyper. Where it cannot follow
-//! the stream (HTTP/2, an upgrade, a chunk size it cannot read) it stops checking, and hyper's
+//! the stream (HTTP/2, a WebSocket upgrade, a chunk size it cannot read) it stops checking, and hyper's
 //! own handling (`Transfer-Encoding` wins, then close) still applies.
 
 use std::io;
@@ -22,8 +22,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::upgrade::is_websocket;
 use crate::metrics::Metrics;
 
 /// The most of a line the scanner keeps: enough for any header name it looks for and for a
@@ -254,7 +256,8 @@ impl Scanner {
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.chunked = true;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
-            self.head.upgrade = true;
+            // Only WebSocket upgrades are ever granted (see `upgrade`).
+            self.head.upgrade |= HeaderValue::from_bytes(value).is_ok_and(|v| is_websocket(&v));
         }
     }
 
@@ -356,5 +359,8 @@ mod tests {
         assert!(refused_at(h2).is_empty());
         let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(refused_at(upgrade).is_empty());
+
+        let h2c = b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refused_at(h2c), [h2c.len() - 1], "h2c is never granted");
     }
 }
