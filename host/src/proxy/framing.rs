@@ -15,8 +15,8 @@
 //! forwarded.
 //!
 //! The scanner only ever refuses; it never frames a request for hyper. Where it cannot follow
-//! the stream (HTTP/2, a WebSocket upgrade, a chunk size it cannot read) it stops checking, and hyper's
-//! own handling (`Transfer-Encoding` wins, then close) still applies.
+//! the stream (HTTP/2, a WebSocket upgrade, a chunk size it cannot read) it stops checking,
+//! and hyper's own handling (`Transfer-Encoding` wins, then close) still applies.
 
 use std::io;
 use std::net::SocketAddr;

@@ -1,10 +1,10 @@
-//! HTTP/1.1 upgrades (WebSocket): the `Upgrade` request is forwarded, and only when the
+//! HTTP/1.1 upgrades to WebSocket: the `Upgrade` request is forwarded, and only when the
 //! upstream answers `101 Switching Protocols` are the two connections joined into a tunnel.
 //!
-//! Only WebSocket is tunnelled. `Upgrade` and `Connection` are hop-by-hop headers, stripped from every other request; an
-//! upgrade request gets them back, set by the gateway, after the stripping. A tunnel holds no
-//! route or upstream slot: it may last for hours, and the in-flight limits are about
-//! requests. It ends when either side closes.
+//! `Upgrade` and `Connection` are hop-by-hop headers, stripped from every other request; a
+//! WebSocket upgrade request gets them back, set by the gateway, after the stripping. A
+//! tunnel holds no route or upstream slot: it may last for hours, and the in-flight limits
+//! are about requests. It ends when either side closes.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
