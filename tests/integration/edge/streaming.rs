@@ -181,6 +181,13 @@ async fn bulk_upstream() -> SocketAddr {
 struct GatewayProcess {
     child: tokio::process::Child,
     addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
 
 impl GatewayProcess {
@@ -208,7 +215,11 @@ impl GatewayProcess {
             }
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProcess { child, addr }
+        GatewayProcess {
+            child,
+            addr,
+            config: path,
+        }
     }
 
     /// Resident memory, in bytes.
