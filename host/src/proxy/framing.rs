@@ -10,27 +10,30 @@
 //! hyper drops the evidence before the request reaches a service, so the check runs on the
 //! bytes as they are read. [`FramingCheck`] wraps the client connection and follows it request
 //! by request (head, then the body framed as hyper frames it). When a head carries both
-//! headers, the empty line that ends it is replaced by a byte no header may start with, so
-//! hyper's own parser refuses the request: 400, connection closed, nothing forwarded.
+//! headers, the line feed of the empty line that ends it is replaced by a NUL, which no head
+//! may contain, so hyper's own parser refuses the request: 400, connection closed, nothing
+//! forwarded.
 //!
 //! The scanner only ever refuses; it never frames a request for hyper. Where it cannot follow
-//! the stream (HTTP/2, an upgrade, a chunk size it cannot read) it stops checking, and hyper's
-//! own handling (`Transfer-Encoding` wins, then close) still applies.
+//! the stream (HTTP/2, a WebSocket upgrade, a chunk size it cannot read) it stops checking,
+//! and hyper's own handling (`Transfer-Encoding` wins, then close) still applies.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::upgrade::is_websocket;
 use crate::metrics::Metrics;
 
 /// The most of a line the scanner keeps: enough for any header name it looks for and for a
 /// length or a chunk size.
 const LINE_KEPT: usize = 64;
 
-/// Replaces the CR of the empty line ending a refused head: no header name may contain NUL.
+/// Replaces the LF of the empty line ending a refused head: no line of a head may hold a NUL.
 const REFUSAL_BYTE: u8 = 0;
 
 /// A client connection whose request heads are checked as they are read.
@@ -110,14 +113,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingCheck<IO> {
             return polled;
         }
 
-        let read = &mut buf.filled_mut()[before..];
-        let mut refusals = 0;
-        for byte in read.iter_mut() {
-            if self.scanner.scan(*byte) == Verdict::Refuse {
-                *byte = REFUSAL_BYTE;
-                refusals += 1;
-            }
-        }
+        let refusals = self.scanner.scan_all(&mut buf.filled_mut()[before..]);
         for _ in 0..refusals {
             self.refused();
         }
@@ -164,6 +160,39 @@ impl Scanner {
             line: Vec::with_capacity(LINE_KEPT),
             head: Head::default(),
         }
+    }
+
+    /// Follows the bytes just read, replacing each refused one; returns how many were.
+    fn scan_all(&mut self, read: &mut [u8]) -> usize {
+        let mut refusals = 0;
+        let mut at = 0;
+        while at < read.len() {
+            // Body bytes are skipped in bulk: a large upload costs no per-byte work.
+            if let State::Body(left) | State::ChunkData(left) = self.state {
+                let skipped = left.min((read.len() - at) as u64);
+                self.skip(skipped);
+                at += skipped as usize;
+                continue;
+            }
+            if self.state == State::Opaque {
+                break;
+            }
+            if self.scan(read[at]) == Verdict::Refuse {
+                read[at] = REFUSAL_BYTE;
+                refusals += 1;
+            }
+            at += 1;
+        }
+        refusals
+    }
+
+    /// Passes over `count` body bytes, at most the body's rest.
+    fn skip(&mut self, count: u64) {
+        self.state = match self.state {
+            State::Body(left) => body_after(left - count, State::RequestLine),
+            State::ChunkData(left) => body_after(left - count, State::ChunkEnd),
+            state => state,
+        };
     }
 
     /// Follows one byte of the client's stream.
@@ -254,7 +283,8 @@ impl Scanner {
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.chunked = true;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
-            self.head.upgrade = true;
+            // Only WebSocket upgrades are ever granted (see `upgrade`).
+            self.head.upgrade |= HeaderValue::from_bytes(value).is_ok_and(|v| is_websocket(&v));
         }
     }
 
@@ -315,12 +345,26 @@ fn trim(bytes: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    /// Scans `stream` and returns the offsets of the bytes refused.
+    /// Scans `stream` in reads of every size from 1 to 16 bytes and returns the offsets of
+    /// the bytes refused, checking that every read size agrees.
     fn refused_at(stream: &[u8]) -> Vec<usize> {
-        let mut scanner = Scanner::new();
-        (0..stream.len())
-            .filter(|&i| scanner.scan(stream[i]) == Verdict::Refuse)
-            .collect()
+        let offsets = |read_size: usize| {
+            let mut scanner = Scanner::new();
+            let mut scanned = stream.to_vec();
+            for read in scanned.chunks_mut(read_size) {
+                scanner.scan_all(read);
+            }
+            let changed = stream.iter().zip(&scanned).enumerate();
+            changed
+                .filter(|(_, (before, after))| before != after)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        let whole = offsets(stream.len().max(1));
+        for read_size in 1..=16 {
+            assert_eq!(offsets(read_size), whole, "reads of {read_size} bytes");
+        }
+        whole
     }
 
     #[test]
@@ -356,5 +400,8 @@ mod tests {
         assert!(refused_at(h2).is_empty());
         let upgrade = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(refused_at(upgrade).is_empty());
+
+        let h2c = b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refused_at(h2c), [h2c.len() - 1], "h2c is never granted");
     }
 }

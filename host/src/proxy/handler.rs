@@ -96,22 +96,7 @@ pub async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let mut request = request;
-    let upgrade = Upgrade::take(&mut request);
-    // Before anything else is set: `Connection` may name any header, ours included.
-    strip_request_hop_by_hop(request.headers_mut());
-    let identity = identity::assign(request.headers_mut());
-    let arrival = Arrival {
-        started,
-        peer,
-        client: snapshot
-            .trusted_proxies
-            .client_addr(request.headers(), peer),
-        upgrade,
-    };
-    let host = request_host(&request);
-    let trusted = &snapshot.trusted_proxies;
-    let scheme = if secure { "https" } else { "http" };
-    trusted.set_headers(request.headers_mut(), peer, host.as_ref(), scheme);
+    let (identity, arrival) = arrive(&snapshot, &mut request, peer, secure, started);
     let entry = log_entry(access_log, &request, &identity, &arrival);
     let mut line = Unanswered::new(access_log, entry, started);
 
@@ -125,6 +110,35 @@ pub async fn handle(
         true => response.map(|body| Logged::new(body, line).boxed()),
         false => response,
     }
+}
+
+/// Cleans the request's headers and works out who it is from: hop-by-hop headers out, the
+/// request id and trace in, and the forwarding headers set for the upstream.
+fn arrive(
+    snapshot: &Snapshot,
+    request: &mut Request<Incoming>,
+    peer: SocketAddr,
+    secure: bool,
+    started: Instant,
+) -> (Identity, Arrival) {
+    let upgrade = Upgrade::take(request);
+    // Before anything else is set: `Connection` may name any header, ours included.
+    strip_request_hop_by_hop(request.headers_mut());
+    let identity = identity::assign(request.headers_mut());
+
+    let trusted = &snapshot.trusted_proxies;
+    let client = trusted.client_addr(request.headers(), peer);
+    let host = request_host(request);
+    let scheme = if secure { "https" } else { "http" };
+    trusted.set_headers(request.headers_mut(), peer, host.as_ref(), scheme);
+
+    let arrival = Arrival {
+        started,
+        peer,
+        client,
+        upgrade,
+    };
+    (identity, arrival)
 }
 
 /// The start of the request's access log line; empty when the log is off, since its text

@@ -61,7 +61,10 @@ pub async fn serve(
         tokio::select! {
             accepted = accept(&listener, &connections) => match accepted {
                 Ok((stream, client, permit)) => {
-                    let connection = Connection { stream, client, limits, gateway: gateway.clone(), front: front.clone(), _permit: permit };
+                    let (gateway, front) = (gateway.clone(), front.clone());
+                    let connection = Connection {
+                        stream, client, limits, gateway, front, _permit: permit,
+                    };
                     connection.spawn(&graceful);
                 }
                 Err(err) => {

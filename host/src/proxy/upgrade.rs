@@ -1,10 +1,10 @@
-//! HTTP/1.1 upgrades (WebSocket): the `Upgrade` request is forwarded, and only when the
+//! HTTP/1.1 upgrades to WebSocket: the `Upgrade` request is forwarded, and only when the
 //! upstream answers `101 Switching Protocols` are the two connections joined into a tunnel.
 //!
-//! `Upgrade` and `Connection` are hop-by-hop headers, stripped from every other request; an
-//! upgrade request gets them back, set by the gateway, after the stripping. A tunnel holds no
-//! route or upstream slot: it may last for hours, and the in-flight limits are about
-//! requests. It ends when either side closes.
+//! `Upgrade` and `Connection` are hop-by-hop headers, stripped from every other request; a
+//! WebSocket upgrade request gets them back, set by the gateway, after the stripping. A
+//! tunnel holds no route or upstream slot: it may last for hours, and the in-flight limits
+//! are about requests. It ends when either side closes.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -21,12 +21,21 @@ pub struct Upgrade {
 // === impl Upgrade ===
 
 impl Upgrade {
-    /// Takes the upgrade `request` asks for: HTTP/1.1 with `Upgrade` named in `Connection`.
+    /// Takes the upgrade `request` asks for: HTTP/1.1 with `Upgrade: websocket` named in
+    /// `Connection`.
+    ///
+    /// Other protocols are not tunnelled (as in Envoy by default): `Upgrade: h2c` in
+    /// particular would let a client open an HTTP/2 connection straight to the upstream and
+    /// send requests that no route or policy ever sees. Such a request is forwarded as a plain
+    /// one, without its `Upgrade` header.
     pub fn take<B>(request: &mut Request<B>) -> Option<Upgrade> {
         if request.version() != Version::HTTP_11 || !names_upgrade(request.headers()) {
             return None;
         }
         let protocol = request.headers().get(header::UPGRADE)?.clone();
+        if !is_websocket(&protocol) {
+            return None;
+        }
         Some(Upgrade {
             protocol,
             client: hyper::upgrade::on(request),
@@ -65,6 +74,15 @@ impl Upgrade {
 pub fn restore_response_headers(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// Whether an `Upgrade` value asks for WebSocket; the scanner in `framing` stops following
+/// a connection on the same test.
+pub fn is_websocket(protocol: &HeaderValue) -> bool {
+    protocol
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 fn names_upgrade(headers: &HeaderMap) -> bool {

@@ -268,3 +268,42 @@ policies = ["mirror-deny"]
     assert!(!seen[0].headers.contains_key("x-injected"));
     assert!(!seen[0].headers.contains_key("x-decoded-path"));
 }
+
+#[tokio::test]
+async fn an_ambiguous_request_is_refused_when_dripped_or_pipelined_behind_a_good_one() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    let ambiguous =
+        b"POST /ambiguous HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    for piece in ambiguous.chunks(7) {
+        connection.write(piece).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(connection.response(false).await.unwrap().status(), 400);
+    assert!(connection.is_closed_within(Duration::from_secs(5)).await);
+
+    // A good request with a body that looks like an ambiguous head is served; the ambiguous
+    // request pipelined behind it is not.
+    let mut pipelined = format!(
+        "POST /good HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        ambiguous.len()
+    )
+    .into_bytes();
+    pipelined.extend_from_slice(ambiguous);
+    pipelined.extend_from_slice(ambiguous);
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection.write(&pipelined).await;
+    assert_eq!(connection.response(false).await.unwrap().status(), 200);
+    assert_eq!(connection.response(false).await.unwrap().status(), 400);
+    assert!(connection.is_closed_within(Duration::from_secs(5)).await);
+
+    let paths: Vec<_> = upstream
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(paths, ["/good"]);
+    assert_eq!(upstream.last().body, &ambiguous[..]);
+}

@@ -24,7 +24,15 @@ use super::PLAIN_ROUTE;
 const EVENTS: usize = 8;
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
 const MIB: u64 = 1 << 20;
-const BULK: u64 = 256 * MIB;
+
+/// Bytes sent each way in the bulk test: 256 MiB, or `SLUICE_TEST_BULK_MIB` MiB (1024 for a
+/// full gibibyte each way).
+fn bulk() -> u64 {
+    let mib = std::env::var("SLUICE_TEST_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    mib.unwrap_or(256) * MIB
+}
 
 type StreamedBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -140,21 +148,21 @@ async fn server_sent_events_reach_the_client_as_they_are_sent() {
     );
 }
 
-/// An upstream that counts uploaded bytes and streams [`BULK`] bytes on `GET /download`.
+/// An upstream that counts uploaded bytes and streams [`bulk`] bytes on `GET /download`.
 async fn bulk_upstream() -> SocketAddr {
     serve(|request: Request<Incoming>| async move {
         if request.method() == http::Method::GET {
             let (sender, body) = channel_body();
             tokio::spawn(async move {
                 let chunk = Bytes::from(vec![7u8; MIB as usize]);
-                for _ in 0..BULK / MIB {
+                for _ in 0..bulk() / MIB {
                     if sender.send(chunk.clone()).await.is_err() {
                         return;
                     }
                 }
             });
             return Response::builder()
-                .header("content-length", BULK.to_string())
+                .header("content-length", bulk().to_string())
                 .body(body)
                 .unwrap();
         }
@@ -173,6 +181,13 @@ async fn bulk_upstream() -> SocketAddr {
 struct GatewayProcess {
     child: tokio::process::Child,
     addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
 
 impl GatewayProcess {
@@ -200,7 +215,11 @@ impl GatewayProcess {
             }
         };
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProcess { child, addr }
+        GatewayProcess {
+            child,
+            addr,
+            config: path,
+        }
     }
 
     /// Resident memory, in bytes.
@@ -234,7 +253,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
     let upstream = TestUpstream::external(bulk_upstream().await);
     let config = sluice_tests::gateway::config_text_with(
         &upstream,
-        &format!("max_body_bytes = {}", 2 * BULK),
+        &format!("max_body_bytes = {}", 2 * bulk()),
         PLAIN_ROUTE,
     );
     let gateway = GatewayProcess::start(&config).await;
@@ -248,7 +267,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
         let (sender, body) = channel_body();
         tokio::spawn(async move {
             let chunk = Bytes::from(vec![1u8; MIB as usize]);
-            for _ in 0..BULK / MIB {
+            for _ in 0..bulk() / MIB {
                 sender.send(chunk.clone()).await.unwrap();
             }
         });
@@ -257,7 +276,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
             .await
             .unwrap();
         let received = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(received, BULK.to_string().as_bytes());
+        assert_eq!(received, bulk().to_string().as_bytes());
     };
     let upload_peak = peak_rss_during(&gateway, upload).await;
 
@@ -268,7 +287,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
         while let Some(frame) = body.frame().await {
             received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
         }
-        assert_eq!(received, BULK);
+        assert_eq!(received, bulk());
     };
     let download_peak = peak_rss_during(&gateway, download).await;
 
@@ -277,7 +296,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
         baseline / MIB,
         upload_peak / MIB,
         download_peak / MIB,
-        BULK / MIB
+        bulk() / MIB
     );
     for peak in [upload_peak, download_peak] {
         assert!(

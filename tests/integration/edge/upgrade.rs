@@ -125,3 +125,23 @@ async fn an_upgrade_the_upstream_declines_stays_plain_http() {
     assert_eq!(after.status(), 200);
     assert_eq!(upstream.last().path_and_query, "/after");
 }
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_forwarded() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(
+            b"GET /smuggle HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await;
+    assert_eq!(connection.response(false).await.unwrap().status(), 200);
+
+    let seen = upstream.last().headers;
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+}
