@@ -2,57 +2,53 @@
 //! test harness (its memory).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
-use tokio::process::{Child, Command};
-
-use crate::target_dir;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Child;
 
 /// `sluice run` on a config written to a temporary file; killed when dropped.
 pub struct GatewayProcess {
     pub addr: SocketAddr,
-    pub admin: SocketAddr,
     child: Child,
     config: PathBuf,
 }
 
 impl GatewayProcess {
-    /// Starts the gateway with `fragment` (upstreams, routes) after listeners on free ports,
-    /// and waits until its admin listener answers.
-    pub async fn start(fragment: &str) -> GatewayProcess {
-        let (addr, admin) = (free_address(), free_address());
-        let config = std::env::temp_dir().join(format!("sluice-process-{}.toml", addr.port()));
-        let text =
-            format!("[listener]\naddress = \"{addr}\"\n[admin]\naddress = \"{admin}\"\n{fragment}");
-        std::fs::write(&config, text).expect("write config");
-        let binary = target_dir().join("debug/sluice");
-        let child = Command::new(&binary)
-            .args(["run", "--config"])
+    /// Starts `binary` (the tests' `CARGO_BIN_EXE_sluice-gateway`) on the complete config
+    /// `text` and waits until it says where it listens.
+    pub async fn start(binary: &Path, text: &str) -> GatewayProcess {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = std::env::temp_dir().join(format!(
+            "sluice-process-{}-{number}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&config, text).expect("write the config");
+        let mut child = tokio::process::Command::new(binary)
+            .args(["run", "--json-logs", "--workers", "2", "--config"])
             .arg(&config)
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "{}: {err}: run the tests with `cargo xtask test`",
-                    binary.display()
-                )
-            });
-        let process = GatewayProcess {
+            .expect("the gateway binary starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next_line().await.expect("read the log");
+            let line = line.expect("the gateway logs where it listens before it exits");
+            let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            if let Some(addr) = line["fields"]["listener"].as_str() {
+                break addr.parse().expect("an address");
+            }
+        };
+        // Keep reading, so the gateway never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        GatewayProcess {
             addr,
-            admin,
             child,
             config,
-        };
-        process.wait_until_up().await;
-        process
-    }
-
-    async fn wait_until_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.admin).await.is_err() {
-            assert!(Instant::now() < deadline, "the gateway did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -74,9 +70,4 @@ impl Drop for GatewayProcess {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_file(&self.config);
     }
-}
-
-fn free_address() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address")
 }

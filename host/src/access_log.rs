@@ -43,6 +43,12 @@ pub struct Entry {
     pub route: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// The upstream server that answered (the last one tried, when a try was retried).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_authority"
+    )]
+    pub target: Option<http::uri::Authority>,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -61,6 +67,16 @@ pub struct Entry {
     /// Request body bytes read so far, counted as they stream upstream.
     #[serde(skip)]
     pub body_in: Arc<AtomicU64>,
+}
+
+fn serialize_authority<S: serde::Serializer>(
+    target: &Option<http::uri::Authority>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match target {
+        Some(target) => serializer.serialize_str(target.as_str()),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// A wall-clock time, written as RFC 3339 in UTC.

@@ -55,7 +55,7 @@ pub struct Upstream {
 #[derive(Debug)]
 pub struct Lease {
     _slot: Slot,
-    _target: TargetLease,
+    target: TargetLease,
     _in_flight: InFlight,
 }
 
@@ -258,9 +258,18 @@ impl Upstream {
     fn lease(&self, slot: Slot, target: TargetLease, in_flight: InFlight) -> Lease {
         Lease {
             _slot: slot,
-            _target: target,
+            target,
             _in_flight: in_flight,
         }
+    }
+}
+
+// === impl Lease ===
+
+impl Lease {
+    /// The target the response came from.
+    pub fn target(&self) -> &Authority {
+        &self.target.target().authority
     }
 }
 

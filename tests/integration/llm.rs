@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+use sluice_tests::gateway::config_text;
 use sluice_tests::llmock::Llmock;
 use sluice_tests::process::GatewayProcess;
 use sluice_tests::{Reply, TestGateway, TestUpstream, metric, send};
@@ -318,8 +319,13 @@ async fn a_client_leaving_mid_stream_ends_the_providers_stream_within_a_second()
 #[tokio::test]
 async fn a_slow_first_token_then_2000_events_pass_with_flat_gateway_memory() {
     let mock = Llmock::start(&[]).await;
-    let fragment = fragment(&[("mock", &mock)], "", &[("public", &["mock"])]);
-    let gateway = GatewayProcess::start(&fragment).await;
+    let app = TestUpstream::start().await;
+    let text = config_text(
+        &app,
+        &fragment(&[("mock", &mock)], "", &[("public", &["mock"])]),
+    );
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sluice-gateway"));
+    let gateway = GatewayProcess::start(binary, &text).await;
     let url = format!("http://{}/v1/chat/completions", gateway.addr);
     let body = json!({ "model": "public", "stream": true, "messages": [] });
 
@@ -460,7 +466,7 @@ async fn budgets_survive_a_reload_that_leaves_the_route_unchanged() {
         &[("public", &["mock"])],
     );
     let path = std::env::temp_dir().join(format!("sluice-llm-reload-{}.toml", mock.addr.port()));
-    std::fs::write(&path, sluice_tests::gateway::config_text(&app, &llm)).expect("write");
+    std::fs::write(&path, config_text(&app, &llm)).expect("write");
     let gateway = TestGateway::start_file(&path).await;
     let url = gateway.url("/v1/chat/completions");
     // About 75 tokens: one at a time fits in 100.
@@ -472,11 +478,7 @@ async fn budgets_survive_a_reload_that_leaves_the_route_unchanged() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let unrelated =
         "\n[[routes]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"app\"\n";
-    std::fs::write(
-        &path,
-        sluice_tests::gateway::config_text(&app, &(llm + unrelated)),
-    )
-    .expect("write");
+    std::fs::write(&path, config_text(&app, &(llm + unrelated))).expect("write");
     let (status, answer) = gateway.reload().await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 

@@ -22,8 +22,8 @@ usage: cargo xtask <command>
 
 commands:
   build-plugins   build every policy and test guest for wasm32-wasip2 (profile `plugin`)
-  test [ARGS]     build the plugins and the gateway, install llmock (the mock LLM provider),
-                  then `cargo test --workspace [ARGS]`
+  test [ARGS]     build the plugins, install llmock (the mock LLM provider), then
+                  `cargo test --workspace [ARGS]`
   llmock          install llmock into target/llmock-venv (`test` does this when needed)
   demo            run the quickstart gateway in front of a local echo upstream
   bench [ARGS]    benchmark Sluice side by side with nginx (`bench/bench.sh help`)";
@@ -71,11 +71,10 @@ fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
 }
 
 /// `cargo xtask test`: the workspace tests need the plugins, which `cargo test` cannot build,
-/// the gateway binary (some tests run it as its own process to measure its memory), and the
-/// mock LLM provider. Exits with the status of `cargo test`, so CI sees its failure as it is.
+/// and the mock LLM provider. Exits with the status of `cargo test`, so CI sees its failure as
+/// it is.
 fn test(root: &Path, args: &[String]) -> Result<ExitCode> {
     plugins::build(root)?;
-    cargo::run(cargo::cargo(root).args(["build", "-p", "sluice", "--bin", "sluice"]))?;
     let llmock = llmock::ensure(root)?;
 
     let status = cargo::cargo(root)

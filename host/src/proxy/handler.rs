@@ -277,6 +277,7 @@ async fn proxy(
         }
     };
     entry.upstream_ms = Some(millis(sent.elapsed()));
+    entry.target = Some(lease.target().clone());
     let upgraded = arrival
         .upgrade
         .and_then(|upgrade| upgrade.accept(&mut response, arrival.peer));

@@ -66,6 +66,7 @@ async fn each_request_writes_one_json_line_with_its_story() {
     assert_eq!(line["path"], "/items?x=1");
     assert_eq!(line["route"], "plain");
     assert_eq!(line["upstream"], "app");
+    assert_eq!(line["target"], upstream.addr.to_string());
     assert_eq!(line["status"], 200);
     assert_eq!(line["bytes_in"], 5);
     assert_eq!(line["bytes_out"], proxied.body.len());

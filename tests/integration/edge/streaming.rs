@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,8 +14,8 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sluice_tests::process::GatewayProcess;
 use sluice_tests::{TestGateway, TestUpstream};
-use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -177,73 +177,15 @@ async fn bulk_upstream() -> SocketAddr {
     .await
 }
 
-/// A gateway in its own process, so that its memory can be measured alone.
-struct GatewayProcess {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-    config: std::path::PathBuf,
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-impl GatewayProcess {
-    async fn start(config: &str) -> GatewayProcess {
-        let path = std::env::temp_dir().join(format!("sluice-bulk-{}.toml", std::process::id()));
-        std::fs::write(&path, config).unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-gateway"))
-            .args(["run", "--json-logs", "--workers", "2", "--config"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the gateway binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("the gateway starts");
-            let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(addr) = line["fields"]["listener"].as_str() {
-                break addr.parse().unwrap();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProcess {
-            child,
-            addr,
-            config: path,
-        }
-    }
-
-    /// Resident memory, in bytes.
-    fn rss(&self) -> u64 {
-        let pid = self.child.id().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kib * 1024
-    }
-}
-
 /// Runs `transfer` while sampling the gateway's memory; returns the highest sample.
 async fn peak_rss_during<F: Future<Output = ()>>(gateway: &GatewayProcess, transfer: F) -> u64 {
-    let mut peak = gateway.rss();
+    let mut peak = gateway.rss_bytes();
     tokio::pin!(transfer);
     let mut every = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
-            () = &mut transfer => return peak.max(gateway.rss()),
-            _ = every.tick() => peak = peak.max(gateway.rss()),
+            () = &mut transfer => return peak.max(gateway.rss_bytes()),
+            _ = every.tick() => peak = peak.max(gateway.rss_bytes()),
         }
     }
 }
@@ -256,12 +198,13 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
         &format!("max_body_bytes = {}", 2 * bulk()),
         PLAIN_ROUTE,
     );
-    let gateway = GatewayProcess::start(&config).await;
+    let gateway =
+        GatewayProcess::start(Path::new(env!("CARGO_BIN_EXE_sluice-gateway")), &config).await;
     let client = Client::builder(TokioExecutor::new()).build_http::<StreamedBody>();
     let url = format!("http://{}/bulk", gateway.addr);
     let warm = Request::post(&url).body(Full::new(Bytes::from_static(b"warm")).boxed());
     client.request(warm.unwrap()).await.unwrap();
-    let baseline = gateway.rss();
+    let baseline = gateway.rss_bytes();
 
     let upload = async {
         let (sender, body) = channel_body();
