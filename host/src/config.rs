@@ -349,6 +349,11 @@ impl Route {
         if let Some(llm) = &self.llm {
             llm.check(name, upstreams, problems);
         }
+        if self.request_timeout_ms.is_zero() {
+            problems.push(format!(
+                "route `{name}`: request_timeout_ms must be above zero"
+            ));
+        }
         if !self.path_prefix.starts_with('/') {
             problems.push(format!("route `{name}`: path_prefix must start with `/`"));
         }
@@ -478,20 +483,29 @@ mod millis {
 
     use serde::{Deserialize, Deserializer};
 
+    /// A week: longer durations are mistakes, and would overflow the clock's arithmetic.
+    const MAX: u64 = 7 * 24 * 3600 * 1000;
+
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        u64::deserialize(deserializer).map(Duration::from_millis)
+        let ms = u64::deserialize(deserializer)?;
+        if ms > MAX {
+            return Err(serde::de::Error::custom(format!(
+                "{ms} ms is more than a week; the most is {MAX}"
+            )));
+        }
+        Ok(Duration::from_millis(ms))
     }
 
     /// An optional duration in milliseconds: absent is `None`.
     pub mod optional {
         use std::time::Duration;
 
-        use serde::{Deserialize, Deserializer};
+        use serde::Deserializer;
 
         pub fn deserialize<'de, D: Deserializer<'de>>(
             deserializer: D,
         ) -> Result<Option<Duration>, D::Error> {
-            u64::deserialize(deserializer).map(|ms| Some(Duration::from_millis(ms)))
+            super::deserialize(deserializer).map(Some)
         }
     }
 }

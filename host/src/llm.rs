@@ -32,7 +32,7 @@ use crate::config::{self, Consumer, Provider};
 use crate::metrics::LlmMetrics;
 use crate::proxy::Body;
 use crate::upstream::{ClientBody, Lease, Outgoing, Upstream, UpstreamError};
-use budget::{Charge, ConsumerBudgets};
+use budget::{Charge, ConsumerBudgets, Refusal};
 use deployment::{Deployment, retry_after};
 use request::{Api, LlmRequest};
 use stream::{Account, Metered};
@@ -56,6 +56,8 @@ pub struct LlmRoute {
 pub enum LlmError {
     #[error("the consumer's token budget is spent for now")]
     ConsumerBudget(Duration),
+    #[error("the request's token estimate is larger than a whole minute of its budget")]
+    OverBudget,
     #[error("every deployment of the model is out of budget or cooling down")]
     ProviderBudget(Duration),
     #[error("the request body is larger than the route reads")]
@@ -187,9 +189,13 @@ impl LlmRoute {
         };
         match budgets.reserve(consumer, model, estimate) {
             Ok(charge) => Ok(Some(charge)),
-            Err(wait) => {
+            Err(Refusal::Wait(wait)) => {
                 self.metrics.shed("consumer_budget");
                 Err(LlmError::ConsumerBudget(wait))
+            }
+            Err(Refusal::Never) => {
+                self.metrics.shed("over_budget");
+                Err(LlmError::OverBudget)
             }
         }
     }

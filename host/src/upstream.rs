@@ -64,8 +64,8 @@ pub struct Lease {
 pub enum UpstreamError {
     #[error("every one of the upstream's {0} request slots is taken")]
     Saturated(u32),
-    #[error("the upstream's circuit breaker is open")]
-    CircuitOpen,
+    #[error("the upstream's circuit breaker is open for {}ms more", .0.as_millis())]
+    CircuitOpen(Duration),
     #[error("no target of the upstream is healthy")]
     NoHealthyTarget,
     #[error("connecting to {target} failed: {cause}")]
@@ -138,7 +138,7 @@ impl Upstream {
         let in_flight = self.retries.in_flight();
         let (mut parts, body) = request.into_parts();
         let may_resend = self.retries.may_resend(&parts.method, resend_any_method);
-        let mut body = self.retries.replay(body, may_resend).await?;
+        let mut body = self.retries.replay(body).await?;
         let key = self.balancer.key(&parts.headers, client);
 
         let mut previous = None;
@@ -193,11 +193,10 @@ impl Upstream {
         let index = (self.balancer.pick(&self.targets, key, previous))
             .ok_or((UpstreamError::NoHealthyTarget, None))?;
         let permit = match &self.breaker {
-            Some(breaker) => Some(
-                breaker
-                    .admit()
-                    .map_err(|_| (UpstreamError::CircuitOpen, None))?,
-            ),
+            Some(breaker) => {
+                let admitted = breaker.admit();
+                Some(admitted.map_err(|open| (UpstreamError::CircuitOpen(open.0), None))?)
+            }
             None => None,
         };
         let lease = self.targets.lease(index);

@@ -183,6 +183,17 @@ async fn a_token_budget_admits_only_what_fits_and_settles_to_real_usage() {
 
     // The two used about 8 tokens each, not 34: what was not used is back in the bucket.
     assert_eq!(send(chat(&url, body)).await.status, StatusCode::OK);
+
+    // Numbers that would overflow the estimate make it larger, never smaller: it never fits.
+    let huge = json!({ "model": "public", "max_tokens": 4_294_967_296u64, "n": 4_294_967_296u64 });
+    let refused = send(chat(&url, huge)).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.json()["error"], "token_estimate_over_budget");
     let metrics = gateway.metrics().await;
     assert_eq!(
         metric(&metrics, "sluice_llm_reserved_tokens{route=\"llm\"}"),
@@ -203,7 +214,9 @@ async fn a_provider_limit_seen_in_its_headers_is_never_spent_on_a_429() {
         Llmock::start(&["--rpm", "3", "--tpm", "100000"]).await,
         Llmock::start(&[]).await,
     );
-    let gateway = gateway(
+    // The deployments send their own key, so the provider's headers describe the deployment.
+    let app = TestUpstream::start().await;
+    let llm = fragment(
         &[("limited", &limited), ("spare", &spare)],
         "budget_wait_ms = 200\nconsumer_tokens_per_minute = 1000000",
         &[
@@ -211,8 +224,14 @@ async fn a_provider_limit_seen_in_its_headers_is_never_spent_on_a_429() {
             ("with-spare", &["limited", "spare"]),
         ],
     )
-    .await;
-    let url = gateway.url("/v1/chat/completions");
+    .replace(
+        "model = \"gpt-4o-mini\" }",
+        "model = \"gpt-4o-mini\", api_key_env = \"PROVIDER_KEY\" }",
+    );
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sluice-gateway"));
+    let env = [("PROVIDER_KEY", "deployment-key")];
+    let gateway = GatewayProcess::start_with_env(binary, &config_text(&app, &llm), &env).await;
+    let url = format!("http://{}/v1/chat/completions", gateway.addr);
     let body = |model: &str| json!({ "model": model, "max_tokens": 10, "messages": [] });
 
     for _ in 0..3 {
@@ -247,7 +266,9 @@ async fn a_provider_limit_seen_in_its_headers_is_never_spent_on_a_429() {
         "sent to the deployment with budget"
     );
 
-    let metrics = gateway.metrics().await;
+    let metrics = sluice_tests::get(&format!("http://{}/metrics", gateway.admin))
+        .await
+        .text();
     for name in [
         "gen_ai_client_token_usage_bucket",
         "gen_ai_server_time_to_first_token_seconds_bucket",

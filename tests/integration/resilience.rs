@@ -423,3 +423,24 @@ async fn an_upstream_dying_mid_body_aborts_the_client_connection() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_failed_connect_is_retried_on_another_target_even_for_a_post_with_a_body() {
+    let (refused, good) = (faulty::refusing().await, TestUpstream::start().await);
+    let gateway = gateway(&format!("targets = [\"{refused}\", \"{}\"]", good.addr)).await;
+
+    for _ in 0..4 {
+        let post = Request::post(gateway.url("/orders"))
+            .body(Bytes::from_static(b"payload"))
+            .expect("valid");
+        let reply = send(post).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let received = good.received();
+    assert_eq!(received.len(), 4, "each POST reached the good target once");
+    assert!(received.iter().all(|r| &r.body[..] == b"payload"));
+    let metrics = gateway.metrics().await;
+    let retried = "sluice_upstream_retries_total{reason=\"connect_failed\",upstream=\"pool\"}";
+    // Round robin starts every request on the refusing target; each was tried again.
+    assert_eq!(metric(&metrics, retried), 4.0, "{metrics}");
+}

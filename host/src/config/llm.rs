@@ -126,6 +126,22 @@ impl Llm {
                 }
             }
         }
+        if self.max_request_bytes == 0
+            || self.first_byte_timeout_ms.is_zero()
+            || self.idle_timeout_ms.is_zero()
+        {
+            problems.push(format!(
+                "route `{route}`: max_request_bytes, first_byte_timeout_ms and idle_timeout_ms \
+                 must be above zero"
+            ));
+        }
+        if let Consumer::Header(name) = &self.consumer
+            && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+        {
+            problems.push(format!(
+                "route `{route}`: consumer header `{name}` is not a header name"
+            ));
+        }
         if self.consumer_tokens_per_minute == Some(0) {
             problems.push(format!(
                 "route `{route}`: consumer_tokens_per_minute must be above zero"

@@ -198,7 +198,7 @@ impl Upstream {
                 problem(format!("target `{address}`: weight must be from 1 to 1000"));
             }
         }
-        let weighted = self.targets.iter().any(|t| t.weight() != 1);
+        let weighted = self.targets.iter().any(|t| t.weight() > 1);
         if weighted && self.load_balancing == LoadBalancing::RoundRobin {
             problem("targets have weights: use load_balancing = \"weighted_round_robin\"".into());
         }
@@ -217,22 +217,25 @@ impl Upstream {
         if let Some(breaker) = &self.circuit_breaker {
             breaker.check(&mut problem);
         }
-        if let Some(outlier) = &self.outlier_detection
-            && (outlier.consecutive_failures == 0 || outlier.max_ejection_percent > 100)
-        {
-            problem(
-                "outlier_detection: consecutive_failures must be at least 1 and \
-                 max_ejection_percent at most 100"
-                    .into(),
-            );
+        if let Some(outlier) = &self.outlier_detection {
+            outlier.check(&mut problem);
         }
-        if self
-            .retry
-            .on_status
-            .iter()
-            .any(|s| !(100..=599).contains(s))
+        if let Some(HashOn::Header(name) | HashOn::Cookie(name)) = &self.hash_on
+            && http::HeaderName::from_bytes(name.as_bytes()).is_err()
         {
-            problem("retry.on_status holds a number that is not an HTTP status".into());
+            problem(format!(
+                "hash_on: `{name}` is not a valid header or cookie name"
+            ));
+        }
+        for status in &self.retry.on_status {
+            if !(500..=599).contains(status) && ![408, 429].contains(status) {
+                problem(format!(
+                    "retry.on_status: {status} is not a 5xx, 408 or 429"
+                ));
+            }
+        }
+        if self.retry.budget_percent > 100 {
+            problem("retry.budget_percent must be at most 100".into());
         }
     }
 }
@@ -250,6 +253,24 @@ impl HealthCheck {
         }
         if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
             problem("health_check: thresholds must be at least 1".into());
+        }
+    }
+}
+
+impl OutlierDetection {
+    fn check(&self, problem: &mut impl FnMut(String)) {
+        if self.consecutive_failures == 0 {
+            problem("outlier_detection: consecutive_failures must be at least 1".into());
+        }
+        if self.max_ejection_percent > 100 {
+            problem("outlier_detection: max_ejection_percent must be at most 100".into());
+        }
+        if self.base_ejection_ms.is_zero() || self.max_ejection_ms < self.base_ejection_ms {
+            problem(
+                "outlier_detection: base_ejection_ms must be above zero and at most \
+                 max_ejection_ms"
+                    .into(),
+            );
         }
     }
 }
@@ -413,6 +434,28 @@ mod tests {
         let err = upstream("targets = [\"127.0.0.1:1\"]\nload_balancing = \"consistent_hash\"")
             .expect_err("needs hash_on");
         assert!(err.to_string().contains("hash_on"), "{err}");
+    }
+
+    #[test]
+    fn unworkable_values_are_refused_by_name() {
+        for (table, expected) in [
+            (
+                "hash_on = { header = \"bad header\" }\nload_balancing = \"consistent_hash\"",
+                "hash_on",
+            ),
+            (
+                "[upstreams.outlier_detection]\nbase_ejection_ms = 0",
+                "base_ejection_ms",
+            ),
+            ("[upstreams.retry]\non_status = [404]", "404"),
+            (
+                "[upstreams.retry]\nbackoff_base_ms = 18446744073709551615",
+                "more than a week",
+            ),
+        ] {
+            let err = upstream(&format!("targets = [\"127.0.0.1:1\"]\n{table}")).expect_err(table);
+            assert!(err.to_string().contains(expected), "{table}: {err}");
+        }
     }
 
     #[test]

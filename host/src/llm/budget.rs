@@ -25,6 +25,15 @@ pub struct ConsumerBudgets {
     reserved: IntGauge,
 }
 
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refusal {
+    /// It fits once the bucket has refilled for this long.
+    Wait(Duration),
+    /// It is larger than a whole minute's budget: it never fits.
+    Never,
+}
+
 /// Tokens taken from a consumer's bucket. Settle it with the real usage; dropped unsettled
 /// (the request failed before an answer) it gives everything back.
 #[derive(Debug)]
@@ -52,7 +61,10 @@ impl ConsumerBudgets {
         consumer: u64,
         model: &str,
         tokens: u64,
-    ) -> Result<Charge, Duration> {
+    ) -> Result<Charge, Refusal> {
+        if tokens as f64 > self.per_minute {
+            return Err(Refusal::Never);
+        }
         let now = Instant::now();
         let key = (consumer, model.to_string());
         let mut buckets = self.lock();
@@ -67,10 +79,9 @@ impl ConsumerBudgets {
         bucket.updated = now;
         let wanted = tokens as f64;
         if bucket.level < wanted {
-            // A request larger than a whole minute's budget waits a full minute, then still
-            // fails: tell the client to come back in a minute rather than never.
-            let missing = (wanted - bucket.level).min(self.per_minute);
-            return Err(Duration::from_secs_f64(missing / self.per_minute * 60.0));
+            let missing = wanted - bucket.level;
+            let wait = Duration::from_secs_f64(missing / self.per_minute * 60.0);
+            return Err(Refusal::Wait(wait));
         }
         bucket.level -= wanted;
         self.reserved.add(tokens as i64);
@@ -142,11 +153,14 @@ mod tests {
     fn reservations_that_do_not_fit_are_refused_with_the_wait() {
         let budgets = budgets(600);
         let charge = budgets.reserve(1, "m", 500).expect("fits");
-        let wait = budgets.reserve(1, "m", 200).expect_err("does not fit");
+        let Err(Refusal::Wait(wait)) = budgets.reserve(1, "m", 200) else {
+            panic!("does not fit yet");
+        };
         assert!(
             wait > Duration::from_secs(9) && wait <= Duration::from_secs(10),
             "{wait:?}"
         );
+        assert_eq!(budgets.reserve(1, "m", 601).err(), Some(Refusal::Never));
         assert!(
             budgets.reserve(2, "m", 200).is_ok(),
             "another consumer has its own"

@@ -98,8 +98,13 @@ impl Deployment {
         }
     }
 
-    /// Reads the provider's rate-limit headers from an answer.
+    /// Reads the provider's rate-limit headers from an answer. Only for a deployment with
+    /// its own credential: when each client's key passes through, the headers speak for that
+    /// client's key alone, not for the deployment.
     pub fn observe(&self, headers: &HeaderMap) {
+        if self.credential.is_none() {
+            return;
+        }
         let now = Instant::now();
         let (requests, tokens) = match self.settings.provider {
             Provider::Openai => (
@@ -168,7 +173,7 @@ fn openai_quota(headers: &HeaderMap, kind: &str, now: Instant) -> Option<Quota> 
     let reset = text(headers, &format!("x-ratelimit-reset-{kind}")).and_then(go_duration)?;
     Some(Quota {
         remaining,
-        resets_at: now + reset,
+        resets_at: now.checked_add(reset)?,
     })
 }
 
@@ -180,7 +185,7 @@ fn anthropic_quota(headers: &HeaderMap, kind: &str, now: Instant) -> Option<Quot
     let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
     Some(Quota {
         remaining,
-        resets_at: now + wait,
+        resets_at: now.checked_add(wait)?,
     })
 }
 

@@ -83,7 +83,11 @@ impl LlmRequest {
 
     /// Tokens the request may use: the prompt, plus the output cap for every answer.
     pub fn estimate(&self, default_cap: u64) -> u64 {
-        self.prompt_estimate() + self.choices * self.output_cap.unwrap_or(default_cap)
+        // Saturating: a client may send any numbers, and a wrapped sum would slip past budgets.
+        let output = self
+            .choices
+            .saturating_mul(self.output_cap.unwrap_or(default_cap));
+        self.prompt_estimate().saturating_add(output)
     }
 
     /// Whether the gateway must ask for the usage event that the client did not ask for
@@ -130,6 +134,13 @@ mod tests {
         let sent: Value = serde_json::from_slice(&request.body_for("private")).expect("json");
         assert_eq!(sent["model"], "private");
         assert_eq!(sent["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn huge_caps_saturate_rather_than_wrap() {
+        let body = br#"{"model":"m","max_tokens":4294967296,"n":4294967296}"#;
+        let request = LlmRequest::parse(Api::ChatCompletions, body).expect("valid");
+        assert_eq!(request.estimate(1), u64::MAX);
     }
 
     #[test]

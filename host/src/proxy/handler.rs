@@ -64,6 +64,8 @@ enum Rejection {
     Upstream(UpstreamError),
     /// An LLM request over its consumer's or its providers' budget; retry after this long.
     TokenBudget(&'static str, Duration),
+    /// An LLM request whose estimate exceeds its consumer's whole budget: it never fits.
+    OverBudget,
     ClientBody(String),
 }
 
@@ -73,6 +75,7 @@ impl From<LlmError> for Rejection {
             LlmError::ConsumerBudget(wait) => Rejection::TokenBudget("consumer_budget", wait),
             LlmError::ProviderBudget(wait) => Rejection::TokenBudget("provider_budget", wait),
             LlmError::BodyTooLarge => Rejection::BodyTooLarge,
+            LlmError::OverBudget => Rejection::OverBudget,
             LlmError::ClientBody(err) => Rejection::ClientBody(err),
             LlmError::Upstream(UpstreamError::BodyTooLarge) => Rejection::BodyTooLarge,
             LlmError::Upstream(err) => Rejection::Upstream(err),
@@ -407,7 +410,9 @@ impl Rejection {
             _ => tracing::debug!(route = &*route.name, reason, "request rejected"),
         }
         let mut response = error_response(status, reason);
-        if let Rejection::TokenBudget(_, wait) = &self {
+        if let Rejection::TokenBudget(_, wait)
+        | Rejection::Upstream(UpstreamError::CircuitOpen(wait)) = &self
+        {
             let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
             response
                 .headers_mut()
@@ -417,7 +422,8 @@ impl Rejection {
             // Every 503 the gateway makes is about load that passes: ask clients to come back.
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .entry(header::RETRY_AFTER)
+                .or_insert(HeaderValue::from_static("1"));
         }
         response
     }
@@ -429,12 +435,13 @@ impl Rejection {
             Rejection::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Rejection::TokenBudget(reason, _) => (StatusCode::TOO_MANY_REQUESTS, reason),
+            Rejection::OverBudget => (StatusCode::PAYLOAD_TOO_LARGE, "token_estimate_over_budget"),
             Rejection::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
             Rejection::Upstream(err) => match err {
                 UpstreamError::Saturated(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_saturated")
                 }
-                UpstreamError::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, "circuit_open"),
+                UpstreamError::CircuitOpen(_) => (StatusCode::SERVICE_UNAVAILABLE, "circuit_open"),
                 UpstreamError::NoHealthyTarget => {
                     (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_target")
                 }

@@ -33,9 +33,9 @@ pub struct Permit {
     recorded: bool,
 }
 
-/// The breaker refused the attempt.
+/// The breaker refused the attempt; it may let one through after this long.
 #[derive(Debug, Clone, Copy)]
-pub struct Open;
+pub struct Open(pub Duration);
 
 #[derive(Debug)]
 struct State {
@@ -85,7 +85,7 @@ impl Breaker {
         let now = Instant::now();
         match state.phase {
             Phase::Closed => {}
-            Phase::Open { until } if now < until => return Err(Open),
+            Phase::Open { until } if now < until => return Err(Open(until - now)),
             Phase::Open { .. } => {
                 self.enter(
                     &mut state,
@@ -104,7 +104,8 @@ impl Breaker {
                     succeeded,
                 };
             }
-            Phase::HalfOpen { .. } => return Err(Open),
+            // The probes are out; their answers decide within about a request's time.
+            Phase::HalfOpen { .. } => return Err(Open(Duration::from_secs(1))),
         }
         Ok(Permit {
             breaker: self.clone(),

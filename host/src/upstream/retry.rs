@@ -117,8 +117,10 @@ impl Retries {
     /// Full jitter: a random wait up to `base * 2^(retry - 1)`, capped at the maximum.
     pub fn backoff(&self, retry: u32) -> Duration {
         let exponent = retry.saturating_sub(1).min(16);
-        let ceiling =
-            (self.settings.backoff_base_ms * (1 << exponent)).min(self.settings.backoff_max_ms);
+        let grown = self.settings.backoff_base_ms.checked_mul(1 << exponent);
+        let ceiling = grown.map_or(self.settings.backoff_max_ms, |grown| {
+            grown.min(self.settings.backoff_max_ms)
+        });
         ceiling.mul_f64(rand::random::<f64>())
     }
 
@@ -129,9 +131,10 @@ impl Retries {
         self.settings.max_retries > 0 && (any_method || is_idempotent(method))
     }
 
-    /// The body to send on each attempt: held whole when it is empty, or when the request
-    /// may be resent and the body is small enough to hold; streamed otherwise.
-    pub async fn replay(&self, body: Outgoing, may_resend: bool) -> Result<Replay, UpstreamError> {
+    /// The body to send on each attempt: held whole when it is empty, or when the upstream
+    /// retries and the body is small enough to hold (any method: a failed connect is retried
+    /// whatever the method); streamed otherwise.
+    pub async fn replay(&self, body: Outgoing) -> Result<Replay, UpstreamError> {
         let body = match body {
             Outgoing::Whole(bytes) => return Ok(Replay::Held(bytes)),
             Outgoing::Streamed(body) => body,
@@ -143,7 +146,7 @@ impl Retries {
             .size_hint()
             .upper()
             .is_some_and(|length| length <= self.settings.max_buffered_body_bytes);
-        if !(may_resend && self.settings.max_retries > 0 && small) {
+        if !(self.settings.max_retries > 0 && small) {
             return Ok(Replay::Streamed(Some(body)));
         }
         match body.collect().await {

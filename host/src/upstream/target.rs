@@ -131,7 +131,7 @@ impl Targets {
             return;
         }
         let length = self.ejection_length(target, outliers, ejected_until, now);
-        let until = now + millis(length);
+        let until = now.saturating_add(millis(length));
         if target
             .ejected_until
             .compare_exchange(ejected_until, until, Ordering::Relaxed, Ordering::Relaxed)
@@ -178,7 +178,10 @@ impl Targets {
         } else {
             target.ejection_streak.fetch_add(1, Ordering::Relaxed) + 1
         };
-        (outliers.base_ejection_ms * streak).min(outliers.max_ejection_ms)
+        let length = outliers.base_ejection_ms.checked_mul(streak);
+        length.map_or(outliers.max_ejection_ms, |l| {
+            l.min(outliers.max_ejection_ms)
+        })
     }
 
     fn is_ejected(&self, target: &Target, now: u64) -> bool {
