@@ -7,17 +7,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub version: Version,
+    /// The name the client sent as SNI, over TLS.
+    pub server_name: Option<String>,
+    /// `Host`, or `:authority` in HTTP/2.
+    pub host: Option<String>,
     pub method: String,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -38,14 +44,25 @@ pub struct TestUpstream {
 }
 
 impl TestUpstream {
+    /// An upstream speaking HTTP/1.1 and HTTP/2 (h2c) in clear text.
     pub async fn start() -> TestUpstream {
+        Self::start_with(None).await
+    }
+
+    /// An upstream behind TLS, offering HTTP/2 and HTTP/1.1 by ALPN unless `tls` says
+    /// otherwise.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> TestUpstream {
+        Self::start_with(Some(TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream address");
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(accept(listener, received.clone(), connections.clone()));
+        tokio::spawn(accept(listener, tls, received.clone(), connections.clone()));
         TestUpstream {
             addr,
             received,
@@ -82,6 +99,7 @@ impl TestUpstream {
 
 async fn accept(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     received: Arc<Mutex<Vec<Recorded>>>,
     connections: Arc<AtomicUsize>,
 ) {
@@ -91,17 +109,28 @@ async fn accept(
         };
         connections.fetch_add(1, Ordering::SeqCst);
         let received = received.clone();
-        let service = service_fn(move |request| echo(request, received.clone()));
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let server = auto::Builder::new(TokioExecutor::new());
+            let Some(tls) = tls else {
+                let service = service_fn(move |request| echo(request, None, received.clone()));
+                let _ = server.serve_connection(TokioIo::new(stream), service).await;
+                return;
+            };
+            // A failed handshake (an untrusted certificate, say) just ends the connection.
+            let Ok(stream) = tls.accept(stream).await else {
+                return;
+            };
+            let name = stream.get_ref().1.server_name().map(str::to_string);
+            let service = service_fn(move |request| echo(request, name.clone(), received.clone()));
+            let _ = server.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
 async fn echo(
     request: Request<Incoming>,
+    server_name: Option<String>,
     received: Arc<Mutex<Vec<Recorded>>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
@@ -121,6 +150,14 @@ async fn echo(
         .get("x-delay-ms")
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let recorded = Recorded {
+        version: parts.version,
+        server_name,
+        host: (parts
+            .headers
+            .get("host")
+            .and_then(|host| host.to_str().ok()))
+        .or(parts.uri.authority().map(|authority| authority.as_str()))
+        .map(str::to_string),
         method: parts.method.to_string(),
         path_and_query: parts
             .uri

@@ -12,7 +12,7 @@ fn router(routes: usize) -> Router {
     let metrics = Metrics::new();
     let upstream: config::Upstream =
         toml::from_str("name = \"app\"\ntargets = [\"127.0.0.1:9000\"]").expect("valid");
-    let upstream = Arc::new(Upstream::new(&upstream, &metrics));
+    let upstream = Arc::new(Upstream::new(&upstream, &metrics).expect("plain upstream"));
     let routes = (0..routes).map(|i| {
         let host = if i % 2 == 0 {
             format!("host = \"svc{i}.example.com\"\n")

@@ -17,7 +17,8 @@ mod upstream;
 pub use llm::{Consumer, Deployment, Llm, Model, Provider};
 
 pub use upstream::{
-    CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection, Retry, Target, Upstream,
+    CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection, Protocol, Retry, Target,
+    Upstream, UpstreamTls,
 };
 
 /// The whole configuration.
@@ -213,7 +214,8 @@ pub struct ConfigError {
 // === impl Config ===
 
 impl Config {
-    /// Reads, parses and checks a config file; plugin paths become absolute.
+    /// Reads, parses and checks a config file; the paths it names become relative to its
+    /// folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::one(format!("{}: {err}", path.display())))?;
@@ -229,6 +231,11 @@ impl Config {
         if let Some(tls) = &mut config.listener.tls {
             tls.cert_path = base.join(&tls.cert_path);
             tls.key_path = base.join(&tls.key_path);
+        }
+        let upstream_cas = (config.upstreams.iter_mut())
+            .filter_map(|upstream| upstream.tls.as_mut()?.ca_file.as_mut());
+        for ca_file in upstream_cas {
+            *ca_file = base.join(&*ca_file);
         }
         Ok(config)
     }

@@ -258,15 +258,25 @@ async fn build_snapshot(
 ) -> Result<Snapshot, ConfigError> {
     let old = previous.as_ref().map(|p| p.snapshot);
     let plugins = load_plugins(config, old, runtime, buckets, metrics).await?;
-    let upstreams: HashMap<String, Arc<Upstream>> = config
-        .upstreams
-        .iter()
-        .map(|settings| {
-            let kept = old.and_then(|old| old.upstream_if_unchanged(settings));
-            let upstream = kept.unwrap_or_else(|| Arc::new(Upstream::new(settings, metrics)));
-            (settings.name.clone(), upstream)
-        })
-        .collect();
+    let mut upstreams = HashMap::new();
+    let mut problems = Vec::new();
+    for settings in &config.upstreams {
+        let kept = old.and_then(|old| old.upstream_if_unchanged(settings));
+        let upstream = match kept {
+            Some(kept) => kept,
+            None => match Upstream::new(settings, metrics) {
+                Ok(upstream) => Arc::new(upstream),
+                Err(err) => {
+                    problems.push(format!("upstream `{}`: {err:#}", settings.name));
+                    continue;
+                }
+            },
+        };
+        upstreams.insert(settings.name.clone(), upstream);
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
 
     let routes = config.routes.iter().map(|route| {
         // NB: `Config::parse` has checked that every name a route uses exists.

@@ -10,6 +10,7 @@
 
 mod balance;
 mod breaker;
+mod connect;
 mod health;
 mod retry;
 mod target;
@@ -19,13 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, HeaderValue, Request, Response, Version, header};
 use http_body_util::LengthLimitError;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::admission::{Gate, Slot};
 use crate::config;
@@ -33,6 +31,7 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 
 use balance::Balancer;
 use breaker::Breaker;
+use connect::Addressing;
 pub use retry::{ClientBody, Outgoing, RequestBody};
 use retry::{InFlight, Reason, Replay, Retries};
 use target::{TargetLease, Targets};
@@ -46,7 +45,9 @@ pub struct Upstream {
     breaker: Option<Arc<Breaker>>,
     retries: Retries,
     try_timeout: Option<Duration>,
-    client: Client<HttpConnector, RequestBody>,
+    addressing: Addressing,
+    /// Sent as `Host` in place of the client's.
+    host_header: Option<HeaderValue>,
     metrics: UpstreamMetrics,
 }
 
@@ -74,6 +75,10 @@ pub enum UpstreamError {
         cause: String,
         timed_out: bool,
     },
+    /// The target's certificate does not cover the name the request was sent for: the
+    /// doing of whoever chose that name (usually the client, by its `Host`), not the target's.
+    #[error("{target}'s certificate does not cover the name sent: {cause}")]
+    WrongName { target: Authority, cause: String },
     #[error("{target} closed or reset the connection before answering: {cause}")]
     Reset { target: Authority, cause: String },
     #[error("{target} did not answer within {}ms", after.as_millis())]
@@ -93,20 +98,29 @@ type Attempt = Result<(Response<Incoming>, TargetLease), (UpstreamError, Option<
 
 impl Upstream {
     /// Builds the upstream and starts its health checks, which end when it is dropped.
-    pub fn new(settings: &config::Upstream, metrics: &Metrics) -> Upstream {
+    ///
+    /// Fails when the TLS settings name files that cannot be used.
+    pub fn new(settings: &config::Upstream, metrics: &Metrics) -> anyhow::Result<Upstream> {
+        let tls = connect::tls_config(settings)?;
         let metrics = metrics.upstream(&settings.name);
-        let targets = Arc::new(Targets::new(settings, &metrics));
+        let targets = Arc::new(Targets::new(settings, &tls, &metrics));
+        let addressing = Addressing::new(settings);
+        // NB: the config check has parsed it.
+        let host_header =
+            (settings.host_header.as_deref()).and_then(|host| HeaderValue::from_str(host).ok());
         if let Some(check) = &settings.health_check {
+            let host = host_header.as_ref().and_then(authority);
             health::spawn(
                 settings.name.clone(),
                 Arc::downgrade(&targets),
                 check.clone(),
-                settings.connect_timeout_ms,
+                addressing.clone(),
+                host,
             );
         }
         let bulkhead = Gate::new(settings.max_in_flight, 0, Duration::ZERO)
             .with_gauges(metrics.bulkhead.clone());
-        Upstream {
+        Ok(Upstream {
             name: settings.name.clone(),
             balancer: Balancer::new(settings),
             targets,
@@ -115,9 +129,10 @@ impl Upstream {
                 .map(|breaker| Arc::new(Breaker::new(breaker, &metrics))),
             retries: Retries::new(&settings.retry),
             try_timeout: settings.try_timeout_ms,
-            client: client(settings),
+            addressing,
+            host_header,
             metrics,
-        }
+        })
     }
 
     /// Sends `request` (with its path already final) and returns the first response worth
@@ -137,6 +152,9 @@ impl Upstream {
             .ok_or(UpstreamError::Saturated(self.bulkhead.capacity()))?;
         let in_flight = self.retries.in_flight();
         let (mut parts, body) = request.into_parts();
+        if let Some(host) = &self.host_header {
+            parts.headers.insert(header::HOST, host.clone());
+        }
         let may_resend = self.retries.may_resend(&parts.method, resend_any_method);
         let mut body = self.retries.replay(body).await?;
         let key = self.balancer.key(&parts.headers, client);
@@ -200,22 +218,23 @@ impl Upstream {
             None => None,
         };
         let lease = self.targets.lease(index);
+        let pool = &lease.target().pool;
         let target = &lease.target().authority;
         let body = body.next().ok_or_else(|| {
             let err = UpstreamError::ClientBody("the request body was sent already".into());
             (err, None)
         })?;
-        let request = attempt_request(parts, headers, target, body);
+        let request = self.attempt_request(parts, headers, target, body);
 
         let outcome = match self.try_timeout {
-            Some(limit) => match tokio::time::timeout(limit, self.client.request(request)).await {
+            Some(limit) => match tokio::time::timeout(limit, pool.request(request)).await {
                 Ok(result) => result.map_err(|err| classify(&err, target)),
                 Err(_) => Err(UpstreamError::Timeout {
                     target: target.clone(),
                     after: limit,
                 }),
             },
-            None => (self.client.request(request).await).map_err(|err| classify(&err, target)),
+            None => (pool.request(request).await).map_err(|err| classify(&err, target)),
         };
         let failed = match &outcome {
             Ok(response) => {
@@ -254,6 +273,24 @@ impl Upstream {
         may_resend.then_some(reason)
     }
 
+    fn attempt_request(
+        &self,
+        parts: &Parts,
+        headers: HeaderMap,
+        target: &Authority,
+        body: RequestBody,
+    ) -> Request<RequestBody> {
+        let path = (parts.uri.path_and_query().cloned()).unwrap_or(PathAndQuery::from_static("/"));
+        let host = headers.get(header::HOST).and_then(authority);
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = self.addressing.uri(target, host, path);
+        // The pool picks the version it speaks to the target, whatever the client spoke.
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
+    }
+
     fn lease(&self, slot: Slot, target: TargetLease, in_flight: InFlight) -> Lease {
         Lease {
             _slot: slot,
@@ -281,40 +318,9 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-fn client(settings: &config::Upstream) -> Client<HttpConnector, RequestBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(settings.connect_timeout_ms));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.idle_timeout_ms)
-        .build(connector)
-}
-
-fn attempt_request(
-    parts: &Parts,
-    headers: HeaderMap,
-    target: &Authority,
-    body: RequestBody,
-) -> Request<RequestBody> {
-    let path = (parts.uri.path_and_query().cloned()).unwrap_or(PathAndQuery::from_static("/"));
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = target_uri(target, path);
-    // The pool speaks HTTP/1.1 to upstreams whatever the client spoke to the gateway.
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    request
-}
-
-fn target_uri(target: &Authority, path: PathAndQuery) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(target.clone());
-    parts.path_and_query = Some(path);
-    // NB: scheme, authority and path are each valid, so the URI is too.
-    Uri::from_parts(parts).unwrap_or_default()
+/// A `Host` value as a URI authority, if it is one.
+fn authority(host: &HeaderValue) -> Option<Authority> {
+    Authority::try_from(host.as_bytes()).ok()
 }
 
 /// The metric label of a failed try, and whether it counts as the target failing (`None`
@@ -328,6 +334,7 @@ fn judge(err: &UpstreamError) -> (&'static str, Option<bool>) {
         UpstreamError::Reset { .. } => ("reset", Some(true)),
         UpstreamError::Timeout { .. } => ("timeout", Some(true)),
         UpstreamError::Response { .. } => ("bad_response", Some(true)),
+        UpstreamError::WrongName { .. } => ("wrong_name", None),
         _ => ("client_error", None),
     }
 }
@@ -341,6 +348,8 @@ fn classify(err: &hyper_util::client::legacy::Error, target: &Authority) -> Upst
     } else if causes(err).any(is_body_error) {
         // The body being sent failed: that is the client's doing, not the upstream's.
         UpstreamError::ClientBody(cause)
+    } else if causes(err).any(is_wrong_name) {
+        UpstreamError::WrongName { target, cause }
     } else if err.is_connect() {
         let timed_out = causes(err)
             .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
@@ -377,6 +386,23 @@ fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'sta
 fn is_body_error(err: &(dyn std::error::Error + 'static)) -> bool {
     err.downcast_ref::<hyper::Error>()
         .is_some_and(hyper::Error::is_user)
+}
+
+/// A TLS handshake failed because the certificate is for other names.
+fn is_wrong_name(err: &(dyn std::error::Error + 'static)) -> bool {
+    use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+    // The TLS error travels wrapped in I/O errors, which do not name it as their source.
+    let mut err = err;
+    while let Some(inner) = (err.downcast_ref::<std::io::Error>()).and_then(|io| io.get_ref()) {
+        err = inner;
+    }
+    let rustls = err.downcast_ref::<rustls::Error>();
+    matches!(
+        rustls,
+        Some(rustls::Error::InvalidCertificate(
+            NotValidForName | NotValidForNameContext { .. }
+        ))
+    )
 }
 
 /// The connection ended before an answer: closed, reset, or cut mid-way.

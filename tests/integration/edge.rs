@@ -1,5 +1,6 @@
 //! Edge-grade HTTP: hostile framing and headers, forwarding headers and the client address,
-//! request ids and traces, access logs, upgrades, streaming, and the passthrough example.
+//! request ids and traces, access logs, upgrades, streaming, HTTP/2 and TLS to upstreams, and
+//! the passthrough example.
 //! Most cases send raw bytes over a real socket to a gateway in front of a recording upstream.
 
 mod access_log;
@@ -10,6 +11,7 @@ mod identity;
 mod streaming;
 mod tls;
 mod upgrade;
+mod upstreams;
 
 const PLAIN_ROUTE: &str = r#"
 [[routes]]

@@ -1,5 +1,6 @@
 //! The `[[upstreams]]` tables: targets, load balancing, health, circuit breaking and retries.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -46,6 +47,45 @@ pub struct Upstream {
     pub circuit_breaker: Option<CircuitBreaker>,
     #[serde(default)]
     pub retry: Retry,
+    /// The HTTP version spoken to the targets.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The `Host` sent to every target in place of the client's (e.g. a provider's own
+    /// name); policies cannot change it. TLS verifies this name unless `tls.server_name`
+    /// says otherwise.
+    #[serde(default)]
+    pub host_header: Option<String>,
+    /// TLS to the targets; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// The HTTP version spoken to an upstream's targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1, one request at a time per pooled connection.
+    #[default]
+    Http1,
+    /// HTTP/2, every request multiplexed on one connection per target: over TLS by ALPN, or
+    /// in clear text with prior knowledge (h2c). gRPC needs it.
+    Http2,
+    /// Whatever the target picks by ALPN, preferring HTTP/2; needs `tls`.
+    Auto,
+}
+
+/// How the gateway verifies the targets it connects to with TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and verified against the certificate. Absent, it is the host of
+    /// the `Host` header sent upstream: the client's, a policy's, or `host_header`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM certificates of the authorities trusted to sign the targets' certificates.
+    /// Absent, the Mozilla root program's authorities (as bundled in the gateway) are.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One server of an upstream.
@@ -236,6 +276,25 @@ impl Upstream {
         }
         if self.retry.budget_percent > 100 {
             problem("retry.budget_percent must be at most 100".into());
+        }
+        if self.protocol == Protocol::Auto && self.tls.is_none() {
+            problem(
+                "protocol = \"auto\" picks the version by TLS ALPN: set `tls`, or pick \
+                 \"http1\" or \"http2\""
+                    .into(),
+            );
+        }
+        if let Some(host) = &self.host_header
+            && host.parse::<http::uri::Authority>().is_err()
+        {
+            problem(format!("host_header: `{host}` is not a host name"));
+        }
+        if let Some(name) = self.tls.as_ref().and_then(|tls| tls.server_name.as_ref())
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            problem(format!(
+                "tls.server_name: `{name}` is not a DNS name or IP address"
+            ));
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Body wrappers: one keeps something alive until the last byte is sent, one counts bytes,
-//! one writes the access log line when the response ends.
+//! one writes the access log line when the response ends, one hides the length.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -157,5 +157,26 @@ impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
         // A body cut short (the client went away, an upstream error) still gets its line.
         self.finish();
+    }
+}
+
+/// A body that does not tell its length, so that HTTP/1.1 sends it chunked: the only framing
+/// that carries trailers.
+#[derive(Debug)]
+pub struct Unsized<B>(pub B);
+
+impl<B: Body + Unpin> Body for Unsized<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
     }
 }

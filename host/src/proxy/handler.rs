@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use super::body::{Counted, Guarded, Logged};
+use super::body::{Counted, Guarded, Logged, Unsized};
 use super::headers::{strip_request_hop_by_hop, strip_response_hop_by_hop};
 use super::identity::{self, Identity, X_REQUEST_ID};
 use super::path::{self, PathError};
@@ -337,8 +337,13 @@ async fn response_phase(
     request: &RequestHead,
     response: Response<Body>,
 ) -> Response<Body> {
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     strip_response_hop_by_hop(&mut parts.headers);
+    if parts.headers.contains_key(header::TRAILER) {
+        // The length an HTTP/2 upstream gave would make hyper drop the trailers for an
+        // HTTP/1.1 client.
+        body = Unsized(body).boxed();
+    }
 
     for plugin in route.policies.iter().rev() {
         let head = ResponseHead {
@@ -449,6 +454,9 @@ impl Rejection {
                     timed_out: true, ..
                 } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
                 UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+                UpstreamError::WrongName { .. } => {
+                    (StatusCode::BAD_GATEWAY, "upstream_certificate_name")
+                }
                 UpstreamError::Reset { .. } => (StatusCode::BAD_GATEWAY, "upstream_reset"),
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Response { .. } => {

@@ -34,11 +34,15 @@ pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes a response's hop-by-hop headers but keeps `Trailer`: it announces the trailer
 /// fields at the end of the body, which HTTP/1.1 needs to send them on.
+///
+/// A response that announces trailers loses its `Content-Length` (which an HTTP/2 upstream
+/// may send with them): HTTP/1.1 carries trailers only in a chunked body.
 pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
     let trailer = headers.remove(header::TRAILER);
     strip_hop_by_hop(headers);
     if let Some(trailer) = trailer {
         headers.insert(header::TRAILER, trailer);
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 

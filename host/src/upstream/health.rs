@@ -6,18 +6,14 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, header};
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{Either, Full};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
+use super::RequestBody;
+use super::connect::Addressing;
 use super::target::Targets;
-use super::target_uri;
 use crate::config;
-
-type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Consecutive results of one target's checks.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,16 +23,16 @@ struct Streak {
 }
 
 /// Checks the targets until they are dropped (when their upstream leaves the configuration).
+///
+/// Checks go through each target's own pool, as requests do, naming `host` when there is
+/// one (the upstream's `host_header`).
 pub fn spawn(
     upstream: String,
     targets: Weak<Targets>,
     settings: config::HealthCheck,
-    connect_timeout: std::time::Duration,
+    addressing: Addressing,
+    host: Option<Authority>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout.min(settings.timeout_ms)));
-    connector.set_nodelay(true);
-    let client: CheckClient = Client::builder(TokioExecutor::new()).build(connector);
     // NB: the config check has parsed the path.
     let path: PathAndQuery = settings
         .path
@@ -53,7 +49,7 @@ pub fn spawn(
                 return;
             };
             streaks.resize(targets.list.len(), Streak::default());
-            let results = check_all(&client, &targets, &path, &settings).await;
+            let results = check_all(&targets, &addressing, &host, &path, &settings).await;
             for (index, passed) in results {
                 judge(
                     &upstream,
@@ -70,15 +66,16 @@ pub fn spawn(
 
 /// Checks every target at once; `(target index, passed)` for each.
 async fn check_all(
-    client: &CheckClient,
     targets: &Targets,
+    addressing: &Addressing,
+    host: &Option<Authority>,
     path: &PathAndQuery,
     settings: &config::HealthCheck,
 ) -> Vec<(usize, bool)> {
     let mut checks = JoinSet::new();
     for (index, target) in targets.list.iter().enumerate() {
-        let request = check_request(&target.authority, path);
-        let response = client.request(request);
+        let uri = addressing.uri(&target.authority, host.clone(), path.clone());
+        let response = target.pool.request(check_request(uri, host.as_ref()));
         let timeout = settings.timeout_ms;
         checks.spawn(async move {
             let passed = matches!(
@@ -122,9 +119,12 @@ fn judge(
     }
 }
 
-fn check_request(target: &Authority, path: &PathAndQuery) -> Request<Empty<Bytes>> {
-    let mut request = Request::new(Empty::new());
-    *request.uri_mut() = target_uri(target, path.clone());
+fn check_request(uri: http::Uri, host: Option<&Authority>) -> Request<RequestBody> {
+    let mut request = Request::new(Either::Right(Full::new(Bytes::new())));
+    *request.uri_mut() = uri;
+    if let Some(host) = host.and_then(|host| header::HeaderValue::from_str(host.as_str()).ok()) {
+        request.headers_mut().insert(header::HOST, host);
+    }
     request.headers_mut().insert(
         header::USER_AGENT,
         http::HeaderValue::from_static("sluice-health-check"),

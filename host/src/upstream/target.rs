@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use prometheus::IntGauge;
 
+use super::connect::{self, Pool};
 use crate::config;
 use crate::metrics::UpstreamMetrics;
 
-/// One server of an upstream and what the gateway knows about it.
-#[derive(Debug)]
+/// One server of an upstream, its connections, and what the gateway knows about it.
 pub struct Target {
     pub authority: Authority,
     pub weight: u32,
+    pub pool: Pool,
     in_flight: AtomicU32,
     /// The verdict of active health checks; true when there are none.
     passes_checks: AtomicBool,
@@ -43,10 +44,25 @@ pub struct TargetLease {
     index: usize,
 }
 
+// === impl Target ===
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("authority", &self.authority)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
 // === impl Targets ===
 
 impl Targets {
-    pub fn new(settings: &config::Upstream, metrics: &UpstreamMetrics) -> Targets {
+    pub fn new(
+        settings: &config::Upstream,
+        tls: &rustls::ClientConfig,
+        metrics: &UpstreamMetrics,
+    ) -> Targets {
         let list = settings
             .targets
             .iter()
@@ -56,6 +72,7 @@ impl Targets {
                 let healthy = metrics.target_healthy(authority.as_str());
                 healthy.set(1);
                 Target {
+                    pool: connect::pool(settings, tls, &authority),
                     authority,
                     weight,
                     in_flight: AtomicU32::new(0),

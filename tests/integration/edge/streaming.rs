@@ -255,6 +255,7 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
 async fn trailer_upstream() -> SocketAddr {
     serve(|request: Request<Incoming>| async move {
         let te = request.headers().get("te").cloned();
+        let version = format!("{:?}", request.version());
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
@@ -262,6 +263,7 @@ async fn trailer_upstream() -> SocketAddr {
             .boxed();
         // Chunked, as trailers need in HTTP/1.1, though the length is known.
         let mut response = Response::builder()
+            .header("x-version-seen", version)
             .header("content-type", "application/grpc")
             .header("transfer-encoding", "chunked")
             .header("trailer", "grpc-status");
@@ -276,30 +278,39 @@ async fn trailer_upstream() -> SocketAddr {
 #[tokio::test]
 async fn trailers_pass_through_to_http2_and_http1_clients() {
     let upstream = TestUpstream::external(trailer_upstream().await);
-    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
-
-    for http2 in [true, false] {
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(http2)
-            .build_http::<Full<Bytes>>();
-        let request = Request::post(gateway.url("/grpc.Echo/Say"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
-            .unwrap();
-        let response = client.request(request).await.unwrap();
-        assert_eq!(
-            response.headers()["x-te-seen"],
-            "trailers",
-            "TE: trailers reached the upstream"
-        );
-        let collected = response.into_body().collect().await.unwrap();
-        let trailers = collected.trailers().cloned();
-        assert_eq!(
-            trailers.as_ref().and_then(|t| t.get("grpc-status")),
-            Some(&http::HeaderValue::from_static("0")),
-            "http2: {http2}, trailers: {trailers:?}"
-        );
-        assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
+    for (protocol, seen) in [("http1", "HTTP/1.1"), ("http2", "HTTP/2.0")] {
+        let fragment = format!("protocol = \"{protocol}\"\n{PLAIN_ROUTE}");
+        let gateway = TestGateway::start(&upstream, &fragment).await;
+        for http2 in [true, false] {
+            grpc_call(&gateway, http2, seen).await;
+        }
     }
+}
+
+/// A gRPC-like call through `gateway`, over HTTP/2 or HTTP/1.1, to an upstream reached with
+/// the HTTP version `seen`.
+async fn grpc_call(gateway: &TestGateway, http2: bool, seen: &str) {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build_http::<Full<Bytes>>();
+    let request = Request::post(gateway.url("/grpc.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.headers()["x-version-seen"], seen);
+    assert_eq!(
+        response.headers()["x-te-seen"],
+        "trailers",
+        "TE: trailers reached the upstream"
+    );
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    assert_eq!(
+        trailers.as_ref().and_then(|t| t.get("grpc-status")),
+        Some(&http::HeaderValue::from_static("0")),
+        "http2: {http2}, upstream {seen}, trailers: {trailers:?}"
+    );
+    assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
 }
