@@ -108,6 +108,11 @@ impl RawConnection {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Writes `bytes` if the gateway still takes them: false once it has closed the connection.
+    pub async fn try_write(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
     /// Reads one response whose body is framed by `Content-Length` (none for `head_only`);
     /// `None` if the connection closed first. Gives up after 10 s.
     pub async fn response(&mut self, head_only: bool) -> Option<RawResponse> {

@@ -270,6 +270,11 @@ impl Pending {
         }
     }
 
+    /// Notes why the response body broke off, unless a reason was already given.
+    pub fn failed(&mut self, reason: &'static str) {
+        self.entry.reason.get_or_insert(reason);
+    }
+
     /// Writes the line, once the response has ended or been dropped.
     pub fn finish(mut self, bytes_out: u64) {
         self.entry.bytes_out = bytes_out;

@@ -66,8 +66,24 @@ pub struct Listener {
     /// Proxies in front of the gateway, as CIDR blocks (`10.0.0.0/8`, `192.0.2.7/32`). Their
     /// `X-Forwarded-*` and `Forwarded` headers are extended; anyone else's are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// What to do with `%2F`, `%5C` or `\` in a request path.
+    pub encoded_slash: EncodedSlash,
     /// TLS on this listener; plain HTTP when absent.
     pub tls: Option<Tls>,
+}
+
+/// What the gateway does with an encoded slash or backslash (`%2F`, `%5C`, or a raw `\`) in a
+/// request path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlash {
+    /// Answer 400 `encoded_slash`.
+    #[default]
+    Reject,
+    /// Forward the path as it is: routes and policies see the escape as ordinary characters.
+    Keep,
+    /// Turn each into `/` before dot segments are resolved, then route on the result.
+    Decode,
 }
 
 /// TLS settings of the listener.
@@ -299,6 +315,15 @@ impl Listener {
         if self.max_uri_bytes == 0 {
             problems.push("listener: max_uri_bytes must be at least 1".to_string());
         }
+        if self.max_uri_bytes > self.max_header_bytes {
+            // The request line is part of the header section: hyper would answer 431 first.
+            problems.push(format!(
+                "listener: max_uri_bytes ({}) must not exceed max_header_bytes ({}): a longer \
+                 request target would be refused as a header section over the limit (431), not \
+                 as a target over its own (414)",
+                self.max_uri_bytes, self.max_header_bytes
+            ));
+        }
     }
 }
 
@@ -402,6 +427,7 @@ impl Default for Listener {
             // nginx's default buffer for a request line.
             max_uri_bytes: 8 << 10,
             trusted_proxies: Vec::new(),
+            encoded_slash: EncodedSlash::Reject,
             tls: None,
         }
     }
@@ -574,5 +600,39 @@ mod tests {
         let text = format!("[listener]\nmax_header_bytes = 1024\n{MINIMAL}");
         let err = Config::parse(&text).expect_err("too small");
         assert!(err.to_string().contains("max_header_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_uri_limit_over_the_header_limit_is_refused() {
+        let text = format!("[listener]\nmax_header_bytes = 8192\nmax_uri_bytes = 8193\n{MINIMAL}");
+        let err = Config::parse(&text).expect_err("uri over header limit");
+        assert!(
+            err.to_string()
+                .contains("max_uri_bytes (8193) must not exceed max_header_bytes"),
+            "{err}"
+        );
+        let text = format!("[listener]\nmax_header_bytes = 8192\nmax_uri_bytes = 8192\n{MINIMAL}");
+        assert!(Config::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn encoded_slash_is_reject_keep_or_decode() {
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().listener.encoded_slash,
+            EncodedSlash::Reject
+        );
+        for (value, expected) in [
+            ("reject", EncodedSlash::Reject),
+            ("keep", EncodedSlash::Keep),
+            ("decode", EncodedSlash::Decode),
+        ] {
+            let text = format!("[listener]\nencoded_slash = \"{value}\"\n{MINIMAL}");
+            assert_eq!(
+                Config::parse(&text).unwrap().listener.encoded_slash,
+                expected
+            );
+        }
+        let text = format!("[listener]\nencoded_slash = \"merge\"\n{MINIMAL}");
+        assert!(Config::parse(&text).is_err());
     }
 }

@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub max_body_bytes: u64,
     /// Longest request target accepted.
     pub max_uri_bytes: usize,
+    /// What to do with an encoded slash in a path.
+    pub encoded_slash: config::EncodedSlash,
     /// Proxies whose forwarding headers are believed.
     pub trusted_proxies: TrustedProxies,
     config: Config,
@@ -157,6 +159,7 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
         max_body_bytes: 0,
         max_uri_bytes: 0,
         trusted_proxies: Vec::new(),
+        encoded_slash: config::EncodedSlash::default(),
         ..c.listener.clone()
     };
     let changed = if listener(current) != listener(next) {
@@ -172,7 +175,8 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     };
     Some(format!(
         "{changed} changed: restart the gateway to apply it (of [listener], only \
-         `max_body_bytes`, `max_uri_bytes` and `trusted_proxies` can change on reload)"
+         `max_body_bytes`, `max_uri_bytes`, `encoded_slash` and `trusted_proxies` can change on \
+         reload)"
     ))
 }
 
@@ -300,6 +304,7 @@ async fn build_snapshot(
         router: Router::new(routes.collect()),
         max_body_bytes: config.listener.max_body_bytes,
         max_uri_bytes: config.listener.max_uri_bytes,
+        encoded_slash: config.listener.encoded_slash,
         trusted_proxies: TrustedProxies::new(config.listener.trusted_proxies.clone()),
         config: config.clone(),
         plugins,

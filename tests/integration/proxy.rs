@@ -196,6 +196,84 @@ async fn shutdown_lets_in_flight_requests_finish() {
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
 }
 
+/// A gateway with a `/public/` route to `app` and an `/admin` route to `admin`.
+async fn public_and_admin(
+    upstream: &TestUpstream,
+    admin: &TestUpstream,
+    listener: &str,
+) -> TestGateway {
+    let fragment = format!(
+        r#"
+[[upstreams]]
+name = "admin"
+targets = ["{}"]
+
+[[routes]]
+name = "public"
+path_prefix = "/public/"
+upstream = "app"
+
+[[routes]]
+name = "admin"
+path_prefix = "/admin"
+upstream = "admin"
+"#,
+        admin.addr
+    );
+    TestGateway::start_with(upstream, listener, &fragment).await
+}
+
+/// Sends `GET path` on its own connection and returns the response's status line.
+async fn status_line(gateway: &TestGateway, path: &str) -> String {
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let response = send_raw(gateway.addr, raw.as_bytes(), Duration::from_secs(10)).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+fn paths(upstream: &TestUpstream) -> Vec<String> {
+    upstream
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect()
+}
+
+#[tokio::test]
+async fn encoded_slashes_are_rejected_kept_or_decoded_as_configured() {
+    let escaped = "/public/x%2F..%2F..%5Cadmin";
+    for (action, public, admin_paths) in [
+        ("reject", vec![], vec![]),
+        ("keep", vec![escaped.to_string()], vec![]),
+        ("decode", vec![], vec!["/admin".to_string()]),
+    ] {
+        let (upstream, admin) = (TestUpstream::start().await, TestUpstream::start().await);
+        let listener = format!("encoded_slash = \"{action}\"");
+        let gateway = public_and_admin(&upstream, &admin, &listener).await;
+        let status = status_line(&gateway, escaped).await;
+        let expected = if action == "reject" { "400" } else { "200" };
+        assert!(
+            status.starts_with(&format!("HTTP/1.1 {expected}")),
+            "{action}: {status}"
+        );
+        assert_eq!(paths(&upstream), public, "{action}: the public upstream");
+        assert_eq!(paths(&admin), admin_paths, "{action}: the admin upstream");
+    }
+}
+
+#[tokio::test]
+async fn escapes_of_unreserved_characters_are_decoded_before_routing() {
+    let (upstream, admin) = (TestUpstream::start().await, TestUpstream::start().await);
+    let gateway = public_and_admin(&upstream, &admin, "").await;
+
+    let status = status_line(&gateway, "/public/%2E%2e/%61dmin/%7eme?q=%61").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let status = status_line(&gateway, "/public/a%0d%0aX-Injected:%20yes").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(paths(&admin), ["/admin/~me?q=%61"]);
+    assert_eq!(paths(&upstream), ["/public/a%0D%0AX-Injected:%20yes"]);
+}
+
 #[tokio::test]
 async fn dot_segments_are_resolved_before_routing_and_encoded_slashes_refused() {
     let upstream = TestUpstream::start().await;

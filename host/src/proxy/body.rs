@@ -138,7 +138,14 @@ where
                 let sent = frame.data_ref().map_or(0, |data| data.remaining());
                 self.bytes += sent as u64;
             }
-            Poll::Ready(_) => self.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                // Response bodies come from upstreams: one that fails broke off there.
+                if let Some(line) = &mut self.line {
+                    line.failed("upstream_reset");
+                }
+                self.finish();
+            }
+            Poll::Ready(None) => self.finish(),
             Poll::Pending => {}
         }
         polled

@@ -1,5 +1,6 @@
 //! A check on HTTP/1.1 request framing that hyper leaves out: a request with both
-//! `Content-Length` and `Transfer-Encoding` is refused.
+//! `Content-Length` and `Transfer-Encoding` is refused, and so is one whose framing headers the
+//! scanner cannot read in full.
 //!
 //! hyper follows RFC 9112 there: `Transfer-Encoding` wins, `Content-Length` is dropped, and the
 //! connection is closed after the response. That is safe for hyper itself, but the request
@@ -12,11 +13,22 @@
 //! by request (head, then the body framed as hyper frames it). When a head carries both
 //! headers, the line feed of the empty line that ends it is replaced by a NUL, which no head
 //! may contain, so hyper's own parser refuses the request: 400, connection closed, nothing
-//! forwarded.
+//! forwarded. The rest of that read is dropped (nothing after a refused head is ever parsed)
+//! and an empty line put after the NUL: once a head has arrived in pieces, hyper only parses
+//! it again when it sees an empty line, and would otherwise wait for one until the header
+//! timeout.
 //!
 //! The scanner only ever refuses; it never frames a request for hyper. Where it cannot follow
 //! the stream (HTTP/2, a WebSocket upgrade, a chunk size it cannot read) it stops checking,
-//! and hyper's own handling (`Transfer-Encoding` wins, then close) still applies.
+//! and hyper's own handling (`Transfer-Encoding` wins, then close) still applies. A framing
+//! header it cannot read (longer than the part of a line it keeps, or a length that does not
+//! parse) is refused rather than guessed at: a wrong guess at a body's length would put the
+//! scanner out of step with hyper, and a request it then took for body bytes would go
+//! unchecked.
+//!
+//! After a WebSocket upgrade request (`Upgrade: websocket` named in `Connection`) it stops
+//! too, since a tunnel may follow. The handler closes the connection after any request that
+//! asked to upgrade and got no tunnel, so no request the scanner skipped is ever read.
 
 use std::io;
 use std::net::SocketAddr;
@@ -35,6 +47,9 @@ const LINE_KEPT: usize = 64;
 
 /// Replaces the LF of the empty line ending a refused head: no line of a head may hold a NUL.
 const REFUSAL_BYTE: u8 = 0;
+
+/// Put after the refusal byte, so that hyper takes the head as complete and parses it.
+const AFTER_REFUSAL: &[u8] = b"\r\n\r\n";
 
 /// A client connection whose request heads are checked as they are read.
 pub struct FramingCheck<IO> {
@@ -63,13 +78,20 @@ enum State {
 struct Head {
     content_length: Option<u64>,
     chunked: bool,
-    upgrade: bool,
+    /// An `Upgrade` asking for WebSocket (or one too long to read).
+    websocket: bool,
+    /// A `Connection` naming `upgrade` (or one too long to read).
+    connection_upgrade: bool,
+    /// A framing header the scanner could not read.
+    unreadable: bool,
 }
 
 #[derive(Debug)]
 struct Scanner {
     state: State,
     line: Vec<u8>,
+    /// Whether the line being read was longer than the part of it kept.
+    overflowed: bool,
     head: Head,
 }
 
@@ -95,7 +117,8 @@ impl<IO> FramingCheck<IO> {
     fn refused(&self) {
         tracing::info!(
             client.addr = %self.client,
-            "refused a request with both Content-Length and Transfer-Encoding"
+            "refused a request head with ambiguous or unreadable framing \
+             (both Content-Length and Transfer-Encoding, or one the check cannot read)"
         );
         self.metrics.rejected("", "ambiguous_framing");
     }
@@ -113,9 +136,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingCheck<IO> {
             return polled;
         }
 
-        let refusals = self.scanner.scan_all(&mut buf.filled_mut()[before..]);
-        for _ in 0..refusals {
+        if let Some(refused) = self.scanner.scan_all(&mut buf.filled_mut()[before..]) {
             self.refused();
+            buf.set_filled(before + refused + 1);
+            if buf.remaining() >= AFTER_REFUSAL.len() {
+                buf.put_slice(AFTER_REFUSAL);
+            }
         }
         polled
     }
@@ -158,13 +184,14 @@ impl Scanner {
         Scanner {
             state: State::RequestLine,
             line: Vec::with_capacity(LINE_KEPT),
+            overflowed: false,
             head: Head::default(),
         }
     }
 
-    /// Follows the bytes just read, replacing each refused one; returns how many were.
-    fn scan_all(&mut self, read: &mut [u8]) -> usize {
-        let mut refusals = 0;
+    /// Follows the bytes just read, replacing a refused one; returns where it was. Nothing
+    /// after it is followed: hyper closes the connection once it has refused the head.
+    fn scan_all(&mut self, read: &mut [u8]) -> Option<usize> {
         let mut at = 0;
         while at < read.len() {
             // Body bytes are skipped in bulk: a large upload costs no per-byte work.
@@ -179,11 +206,11 @@ impl Scanner {
             }
             if self.scan(read[at]) == Verdict::Refuse {
                 read[at] = REFUSAL_BYTE;
-                refusals += 1;
+                return Some(at);
             }
             at += 1;
         }
-        refusals
+        None
     }
 
     /// Passes over `count` body bytes, at most the body's rest.
@@ -211,6 +238,9 @@ impl Scanner {
             _ => {
                 if self.line.len() < LINE_KEPT {
                     self.line.push(byte);
+                } else if byte != b'\r' {
+                    // A line ending just past what is kept is still known in full.
+                    self.overflowed = true;
                 }
                 Verdict::Pass
             }
@@ -220,7 +250,8 @@ impl Scanner {
     /// A line is complete: its CR, if any, is the last byte kept.
     fn end_of_line(&mut self) -> Verdict {
         let mut line = std::mem::take(&mut self.line);
-        if line.last() == Some(&b'\r') {
+        let overflowed = std::mem::take(&mut self.overflowed);
+        if line.last() == Some(&b'\r') && !overflowed {
             line.pop();
         }
         let verdict = match self.state {
@@ -230,7 +261,7 @@ impl Scanner {
             }
             State::Headers if line.is_empty() => self.end_of_head(),
             State::Headers => {
-                self.header(&line);
+                self.header(&line, overflowed);
                 Verdict::Pass
             }
             State::ChunkSize => {
@@ -261,10 +292,9 @@ impl Scanner {
         if line.is_empty() {
             return;
         }
-        self.head = Head {
-            upgrade: line.starts_with(b"CONNECT "),
-            ..Head::default()
-        };
+        // A CONNECT is followed like any request: the gateway opens no tunnel for it, and the
+        // handler closes the connection after it.
+        self.head = Head::default();
         self.state = if line.starts_with(b"PRI * HTTP/2") {
             State::Opaque
         } else {
@@ -272,33 +302,46 @@ impl Scanner {
         };
     }
 
-    fn header(&mut self, line: &[u8]) {
+    /// Notes what a header line says about framing or an upgrade; `overflowed` when only its
+    /// start was kept, so its value is not known.
+    fn header(&mut self, line: &[u8], overflowed: bool) {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return;
         };
         let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
         if name.eq_ignore_ascii_case(b"content-length") {
-            self.head.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-            self.head.content_length.get_or_insert(0);
+            match content_length(value).filter(|_| !overflowed) {
+                Some(length) => self.head.content_length = Some(length),
+                None => self.head.unreadable = true,
+            }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.chunked = true;
+            self.head.unreadable |= overflowed;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             // Only WebSocket upgrades are ever granted (see `upgrade`).
-            self.head.upgrade |= HeaderValue::from_bytes(value).is_ok_and(|v| is_websocket(&v));
+            self.head.websocket |=
+                overflowed || HeaderValue::from_bytes(value).is_ok_and(|v| is_websocket(&v));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            self.head.connection_upgrade |= overflowed || names_upgrade(value);
         }
     }
 
     /// The empty line after the headers: refuse an ambiguous head, else follow its body.
     fn end_of_head(&mut self) -> Verdict {
         let head = std::mem::take(&mut self.head);
-        if head.chunked && head.content_length.is_some() {
+        if head.unreadable || head.chunked && head.content_length.is_some() {
             // hyper fails to parse this head and closes the connection: nothing follows.
             self.state = State::Opaque;
             return Verdict::Refuse;
         }
         self.state = match head {
-            // What follows a granted upgrade is not HTTP; a refused one is not checked either.
-            Head { upgrade: true, .. } => State::Opaque,
+            // What follows a granted upgrade is not HTTP; after a refused one the connection
+            // is closed.
+            Head {
+                websocket: true,
+                connection_upgrade: true,
+                ..
+            } => State::Opaque,
             Head { chunked: true, .. } => State::ChunkSize,
             Head {
                 content_length: Some(length),
@@ -317,6 +360,26 @@ fn body_after(left: u64, next: State) -> State {
         (left, State::ChunkEnd) => State::ChunkData(left),
         (left, _) => State::Body(left),
     }
+}
+
+/// A `Content-Length` value as hyper reads it: digits, or a list of equal ones.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let mut lengths = value.split(|&b| b == b',').map(|item| {
+        let digits = trim(item);
+        let text = std::str::from_utf8(digits).ok()?;
+        // `parse` alone would take a leading `+`, which hyper refuses.
+        let digits_only = !digits.is_empty() && digits.iter().all(u8::is_ascii_digit);
+        digits_only.then(|| text.parse::<u64>().ok()).flatten()
+    });
+    let first = lengths.next()??;
+    lengths.all(|length| length == Some(first)).then_some(first)
+}
+
+/// Whether a `Connection` value names `upgrade`.
+fn names_upgrade(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|token| trim(token).eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// The size of a chunk from its size line (hex digits, then optional extensions).
@@ -403,5 +466,80 @@ mod tests {
 
         let h2c = b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(refused_at(h2c), [h2c.len() - 1], "h2c is never granted");
+    }
+
+    #[test]
+    fn a_framing_header_too_long_to_read_is_refused() {
+        let spaces = " ".repeat(50);
+        let zeros = "0".repeat(60);
+        for value in [format!("{spaces}10"), format!("{zeros}10")] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length:{value}\r\n\r\n");
+            assert_eq!(refused_at(head.as_bytes()), [head.len() - 1], "{value}");
+        }
+        let te = format!("POST / HTTP/1.1\r\nTransfer-Encoding:{spaces}chunked\r\n\r\n");
+        assert_eq!(refused_at(te.as_bytes()), [te.len() - 1]);
+
+        // A length line that just fits, CR and all, is read.
+        let fits = format!("Content-Length: {}5", "0".repeat(LINE_KEPT - 17));
+        assert_eq!(fits.len(), LINE_KEPT);
+        let stream = format!("POST / HTTP/1.1\r\n{fits}\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n");
+        assert!(refused_at(stream.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn a_length_that_does_not_parse_is_refused() {
+        for value in [
+            "",
+            "x",
+            "+4",
+            "4 4",
+            "4, 5",
+            "-1",
+            "99999999999999999999999",
+        ] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
+            assert_eq!(refused_at(head.as_bytes()), [head.len() - 1], "{value:?}");
+        }
+        assert_eq!(content_length(b"4, 4"), Some(4));
+        assert_eq!(content_length(b"0010"), Some(10));
+    }
+
+    #[test]
+    fn a_request_after_an_unreadable_length_is_never_skipped() {
+        // Were the padded length read as 0, the smuggled head would be taken for a request
+        // of its own; were it read as 10, for body bytes. Either way it would go unchecked.
+        let smuggled =
+            b"POST /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = format!(
+            "POST / HTTP/1.1\r\nContent-Length:{}10\r\n\r\n",
+            " ".repeat(50)
+        )
+        .into_bytes();
+        let first_head = stream.len();
+        stream.extend_from_slice(b"0123456789");
+        stream.extend_from_slice(smuggled);
+        assert_eq!(refused_at(&stream), [first_head - 1]);
+    }
+
+    #[test]
+    fn an_upgrade_is_only_one_when_connection_names_it() {
+        let smuggled =
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for head in [
+            &b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\r\n",
+            b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n",
+        ] {
+            let stream = [head, &smuggled[..]].concat();
+            assert_eq!(
+                refused_at(&stream),
+                [stream.len() - 1],
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nupgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\r\n";
+        assert!(refused_at(&[&upgrade[..], &smuggled[..]].concat()).is_empty());
     }
 }

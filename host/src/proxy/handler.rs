@@ -21,7 +21,7 @@ use super::upgrade::{self, Upgrade};
 use super::{Body, Route};
 use crate::access_log::{AccessLog, Entry, Unanswered, millis};
 use crate::admission::Refused;
-use crate::config::OnError;
+use crate::config::{EncodedSlash, OnError};
 use crate::gateway::Snapshot;
 use crate::llm::LlmError;
 use crate::metrics::Metrics;
@@ -99,11 +99,13 @@ pub async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let mut request = request;
+    let asked_upgrade = upgrade::asked(&request);
     let (identity, arrival) = arrive(&snapshot, &mut request, peer, secure, started);
     let entry = log_entry(access_log, &request, &identity, &arrival);
     let mut line = Unanswered::new(access_log, entry, started);
 
     let mut response = serve(snapshot, metrics, request, arrival, line.entry()).await;
+    upgrade::close_unless_switched(asked_upgrade, &mut response);
 
     response
         .headers_mut()
@@ -170,7 +172,7 @@ async fn serve(
     entry: &mut Entry,
 ) -> Response<Body> {
     let started = arrival.started;
-    if let Err((status, reason)) = check_target(&mut request, snapshot.max_uri_bytes) {
+    if let Err((status, reason)) = check_target(&mut request, &snapshot) {
         entry.reason = Some(reason);
         metrics.request("", status, started.elapsed().as_secs_f64());
         return refusal(status, reason);
@@ -339,6 +341,7 @@ async fn response_phase(
 ) -> Response<Body> {
     let (mut parts, mut body) = response.into_parts();
     strip_response_hop_by_hop(&mut parts.headers);
+    declare_grpc_trailers(&mut parts.headers);
     if parts.headers.contains_key(header::TRAILER) {
         // The length an HTTP/2 upstream gave would make hyper drop the trailers for an
         // HTTP/1.1 client.
@@ -363,6 +366,23 @@ async fn response_phase(
         }
     }
     Response::from_parts(parts, body)
+}
+
+/// Announces gRPC's trailers on a gRPC response that does not: HTTP/2 servers never do, and
+/// hyper sends an HTTP/1.1 client only the trailers its `Trailer` header names.
+fn declare_grpc_trailers(headers: &mut HeaderMap) {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']));
+    if grpc && !headers.contains_key(header::TRAILER) {
+        headers.insert(
+            header::TRAILER,
+            HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"),
+        );
+        headers.remove(header::CONTENT_LENGTH);
+    }
 }
 
 fn apply_request_changes(
@@ -469,11 +489,12 @@ impl Rejection {
     }
 }
 
-/// Refuses a request target over `max_uri_bytes`, then resolves dot segments in the path.
+/// Refuses a request target over `max_uri_bytes`, then normalises the path.
 fn check_target(
     request: &mut Request<Incoming>,
-    max_uri_bytes: usize,
+    snapshot: &Snapshot,
 ) -> Result<(), (StatusCode, &'static str)> {
+    let max_uri_bytes = snapshot.max_uri_bytes;
     let uri = request.uri();
     let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len());
@@ -485,14 +506,18 @@ fn check_target(
         );
         return Err((StatusCode::URI_TOO_LONG, "uri_too_long"));
     }
-    normalize_path(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))
+    normalize_path(request, snapshot.encoded_slash)
+        .map_err(|reason| (StatusCode::BAD_REQUEST, reason))
 }
 
-/// Resolves dot segments in the request's path, so that routes, policies and the upstream
-/// all see the same path; the reason to answer 400 when the path is refused.
-fn normalize_path(request: &mut Request<Incoming>) -> Result<(), &'static str> {
+/// Normalises the request's path (see `path`), so that routes, policies and the upstream all
+/// see the same path; the reason to answer 400 when the path is refused.
+fn normalize_path(
+    request: &mut Request<Incoming>,
+    encoded_slash: EncodedSlash,
+) -> Result<(), &'static str> {
     let uri = request.uri();
-    let normalized = match path::normalize(uri.path()) {
+    let normalized = match path::normalize(uri.path(), encoded_slash) {
         Ok(Cow::Borrowed(_)) => return Ok(()),
         Ok(Cow::Owned(normalized)) => normalized,
         Err(PathError::EncodedSlash) => {

@@ -124,17 +124,28 @@ impl ReloadingCert {
 
 /// Reloads the certificate whenever its files change, for as long as the listener lives.
 async fn watch(cert: std::sync::Weak<ReloadingCert>) {
-    let mut loaded = cert.upgrade().and_then(|cert| cert.stamp());
+    let first = cert.clone();
+    let first = tokio::task::spawn_blocking(move || first.upgrade().and_then(|c| c.stamp()));
+    let mut loaded = first.await.ok().flatten();
     let mut every = tokio::time::interval(CHECK_INTERVAL);
     loop {
         every.tick().await;
         let Some(cert) = cert.upgrade() else {
             return;
         };
-        let now = cert.stamp();
-        if now.is_some() && now != loaded {
-            cert.reload();
-            loaded = now;
+        // The file system may be slow (a network mount): block a thread of the blocking
+        // pool, never a worker that serves requests.
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = cert.stamp();
+            if now.is_some() && now != loaded {
+                cert.reload();
+                return now;
+            }
+            loaded
+        });
+        match checked.await {
+            Ok(now) => loaded = now,
+            Err(err) => tracing::warn!("TLS certificate check failed: {err}"),
         }
     }
 }

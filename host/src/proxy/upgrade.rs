@@ -7,7 +7,7 @@
 //! are about requests. It ends when either side closes.
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -67,6 +67,25 @@ impl Upgrade {
         let upstream = hyper::upgrade::on(response);
         tokio::spawn(tunnel(self.client, upstream, peer));
         Some(protocol)
+    }
+}
+
+/// Whether an HTTP/1 request asked to switch protocols (any `Upgrade`, or CONNECT): unless a
+/// tunnel starts, its connection is closed after the response. The framing check in `framing`
+/// stops following a connection after a WebSocket upgrade request, and hyper would otherwise
+/// keep reading requests on it that were never checked.
+pub fn asked<B>(request: &Request<B>) -> bool {
+    request.version() < Version::HTTP_2
+        && (request.headers().contains_key(header::UPGRADE) || request.method() == Method::CONNECT)
+}
+
+/// Closes the client connection after `response` when the request asked to upgrade and no
+/// tunnel started.
+pub fn close_unless_switched<B>(asked: bool, response: &mut Response<B>) {
+    if asked && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 }
 

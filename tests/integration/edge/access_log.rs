@@ -145,3 +145,30 @@ async fn a_request_whose_client_goes_away_is_logged_as_499() {
     assert_eq!(lines[0]["route"], "plain");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn a_response_body_that_breaks_off_is_logged_with_a_reason() {
+    let upstream = TestUpstream::external(sluice_tests::faulty::truncating(false).await);
+    let path = temp_path("access-broken.log");
+    let fragment = format!(
+        "[access_log]\nenabled = true\npath = \"{}\"\n{PLAIN_ROUTE}",
+        path.display()
+    );
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(b"GET /broken HTTP/1.1\r\nHost: x\r\nX-Request-Id: broken-1\r\n\r\n")
+        .await;
+    let head = connection.response(true).await.expect("the response head");
+    assert_eq!(head.status(), 200);
+    assert!(connection.is_closed_within(Duration::from_secs(10)).await);
+
+    let lines = lines(&path, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["request_id"], "broken-1");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["reason"], "upstream_reset", "{}", lines[0]);
+    assert_eq!(lines[0]["bytes_out"], 10);
+    let _ = std::fs::remove_file(&path);
+}

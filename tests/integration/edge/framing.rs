@@ -264,7 +264,8 @@ policies = ["mirror-deny"]
     }
     let seen = upstream.received();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].path_and_query, "/allow/a%0d%0aX-Injected:%20yes");
+    // The escapes reach the upstream still escaped, their hex uppercased.
+    assert_eq!(seen[0].path_and_query, "/allow/a%0D%0AX-Injected:%20yes");
     assert!(!seen[0].headers.contains_key("x-injected"));
     assert!(!seen[0].headers.contains_key("x-decoded-path"));
 }
@@ -306,4 +307,88 @@ async fn an_ambiguous_request_is_refused_when_dripped_or_pipelined_behind_a_good
         .collect();
     assert_eq!(paths, ["/good"]);
     assert_eq!(upstream.last().body, &ambiguous[..]);
+}
+
+/// An upstream that answers every request on a connection with hop-by-hop headers, one of
+/// them named only in its `Connection` header.
+async fn hop_by_hop_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0; 4096];
+                loop {
+                    let Ok(read @ 1..) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    head.extend_from_slice(&chunk[..read]);
+                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    head.clear();
+                    let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Foo\r\n\
+                        X-Foo: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+                        Proxy-Authenticate: Basic\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\
+                        Content-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_never_reach_the_client() {
+    let upstream = TestUpstream::external(hop_by_hop_upstream().await);
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    for _ in 0..2 {
+        connection
+            .write(b"GET /hop HTTP/1.1\r\nHost: example\r\n\r\n")
+            .await;
+        let response = connection.response(false).await.expect("a response");
+        assert_eq!(response.status(), 200, "{}", response.head);
+        assert_eq!(response.header("x-kept"), Some("yes"), "{}", response.head);
+        assert_eq!(response.body, b"ok");
+        for name in [
+            "connection",
+            "x-foo",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "upgrade",
+        ] {
+            assert_eq!(response.header(name), None, "{name}: {}", response.head);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_length_padded_past_what_the_check_reads_is_refused() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    // Read as 0, the padded length would hide nothing; read as 10, it covers "0123456789" and
+    // the smuggled request after it must still be checked. Either way it is refused whole.
+    let smuggled = "POST /smuggled HTTP/1.1\r\nHost: example\r\nContent-Length: 4\r\n\
+        Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    for padded in [
+        format!("Content-Length:{}10", " ".repeat(50)),
+        format!("Content-Length: {}10", "0".repeat(60)),
+    ] {
+        let raw =
+            format!("POST /a HTTP/1.1\r\nHost: example\r\n{padded}\r\n\r\n0123456789{smuggled}");
+        assert_eq!(
+            refused(&gateway, raw.as_bytes()).await,
+            (400, true),
+            "{padded}"
+        );
+    }
+    assert!(upstream.received().is_empty(), "{:?}", upstream.received());
 }

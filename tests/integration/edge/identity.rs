@@ -90,3 +90,41 @@ async fn a_trace_is_continued_with_a_new_span_or_started() {
     assert!(!sent.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
     assert!(!seen.contains_key("tracestate"));
 }
+
+#[tokio::test]
+async fn a_request_without_a_trace_starts_a_new_one() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut trace_ids = Vec::new();
+    for _ in 0..2 {
+        send(
+            Request::get(gateway.url("/untraced"))
+                .body(Bytes::new())
+                .unwrap(),
+        )
+        .await;
+        let seen = upstream.last().headers;
+        let sent = seen
+            .get("traceparent")
+            .expect("a traceparent upstream")
+            .to_str()
+            .unwrap()
+            .to_string();
+        let fields: Vec<&str> = sent.split('-').collect();
+        let hex = |field: &str, len: usize| {
+            field.len() == len
+                && field
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        assert_eq!(fields.len(), 4, "{sent}");
+        assert_eq!(fields[0], "00", "{sent}");
+        assert!(hex(fields[1], 32) && fields[1] != "0".repeat(32), "{sent}");
+        assert!(hex(fields[2], 16) && fields[2] != "0".repeat(16), "{sent}");
+        assert!(hex(fields[3], 2), "{sent}");
+        assert!(!seen.contains_key("tracestate"));
+        trace_ids.push(fields[1].to_string());
+    }
+    assert_ne!(trace_ids[0], trace_ids[1], "each request is a new trace");
+}

@@ -251,9 +251,10 @@ async fn large_uploads_and_downloads_stream_through_in_flat_memory() {
     }
 }
 
-/// An upstream answering like a gRPC server: a message, then `grpc-status` as a trailer.
-async fn trailer_upstream() -> SocketAddr {
-    serve(|request: Request<Incoming>| async move {
+/// An upstream answering like a gRPC server: a message, then `grpc-status` as a trailer,
+/// announced in a `Trailer` header when `declared` (real HTTP/2 gRPC servers do not).
+async fn trailer_upstream(declared: bool) -> SocketAddr {
+    serve(move |request: Request<Incoming>| async move {
         let te = request.headers().get("te").cloned();
         let version = format!("{:?}", request.version());
         let mut trailers = http::HeaderMap::new();
@@ -261,12 +262,15 @@ async fn trailer_upstream() -> SocketAddr {
         let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
             .with_trailers(async move { Some(Ok(trailers)) })
             .boxed();
-        // Chunked, as trailers need in HTTP/1.1, though the length is known.
         let mut response = Response::builder()
             .header("x-version-seen", version)
-            .header("content-type", "application/grpc")
-            .header("transfer-encoding", "chunked")
-            .header("trailer", "grpc-status");
+            .header("content-type", "application/grpc");
+        if declared {
+            // Chunked, as trailers need in HTTP/1.1, though the length is known.
+            response = response
+                .header("transfer-encoding", "chunked")
+                .header("trailer", "grpc-status");
+        }
         if let Some(te) = te {
             response = response.header("x-te-seen", te);
         }
@@ -277,13 +281,23 @@ async fn trailer_upstream() -> SocketAddr {
 
 #[tokio::test]
 async fn trailers_pass_through_to_http2_and_http1_clients() {
-    let upstream = TestUpstream::external(trailer_upstream().await);
+    let upstream = TestUpstream::external(trailer_upstream(true).await);
     for (protocol, seen) in [("http1", "HTTP/1.1"), ("http2", "HTTP/2.0")] {
         let fragment = format!("protocol = \"{protocol}\"\n{PLAIN_ROUTE}");
         let gateway = TestGateway::start(&upstream, &fragment).await;
         for http2 in [true, false] {
             grpc_call(&gateway, http2, seen).await;
         }
+    }
+}
+
+#[tokio::test]
+async fn undeclared_grpc_trailers_from_an_http2_upstream_reach_http1_clients() {
+    let upstream = TestUpstream::external(trailer_upstream(false).await);
+    let fragment = format!("protocol = \"http2\"\n{PLAIN_ROUTE}");
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+    for http2 in [false, true] {
+        grpc_call(&gateway, http2, "HTTP/2.0").await;
     }
 }
 

@@ -108,7 +108,7 @@ async fn a_websocket_is_tunnelled_after_the_upstreams_101() {
 }
 
 #[tokio::test]
-async fn an_upgrade_the_upstream_declines_stays_plain_http() {
+async fn an_upgrade_the_upstream_declines_is_answered_then_the_connection_closed() {
     let upstream = TestUpstream::start().await;
     let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
 
@@ -116,14 +116,64 @@ async fn an_upgrade_the_upstream_declines_stays_plain_http() {
     connection.write(UPGRADE).await;
     let declined = connection.response(false).await.unwrap();
     assert_eq!(declined.status(), 200);
+    assert_eq!(declined.header("connection"), Some("close"));
     assert!(!upstream.last().headers.contains_key("sec-websocket-accept"));
+    assert!(connection.is_closed_within(Duration::from_secs(5)).await);
+}
 
-    connection
-        .write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await;
-    let after = connection.response(false).await.unwrap();
-    assert_eq!(after.status(), 200);
-    assert_eq!(upstream.last().path_and_query, "/after");
+/// A request hidden behind an upgrade that was not taken: whatever the gateway answers, it
+/// must never reach the upstream.
+const SMUGGLED: &[u8] = b"POST /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\
+    Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+/// Sends `first` and then, on the same connection, the smuggled request; returns the
+/// statuses of the responses read before the connection closed.
+async fn then_smuggled(gateway: &TestGateway, first: &[u8], together: bool) -> Vec<u16> {
+    let mut connection = RawConnection::open(gateway.addr).await;
+    if together {
+        connection.write(&[first, SMUGGLED].concat()).await;
+    } else {
+        connection.write(first).await;
+    }
+    let mut statuses = Vec::new();
+    if let Some(response) = connection.response(false).await {
+        statuses.push(response.status());
+    }
+    if !together {
+        connection.try_write(SMUGGLED).await;
+    }
+    while let Some(response) = connection.response(false).await {
+        statuses.push(response.status());
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn a_request_after_an_upgrade_not_taken_never_reaches_the_upstream() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let no_connection = b"GET /plain HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
+    let connect = b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n";
+    for first in [UPGRADE, &no_connection[..], &connect[..]] {
+        for together in [true, false] {
+            let statuses = then_smuggled(&gateway, first, together).await;
+            let label = String::from_utf8_lossy(first.split(|&b| b == b'\r').next().unwrap());
+            assert!(
+                statuses.len() <= 2 && statuses.get(1).is_none_or(|&status| status == 400),
+                "{label} (together: {together}): {statuses:?}"
+            );
+        }
+    }
+    let received = upstream.received();
+    assert!(
+        received.iter().all(|r| r.path_and_query != "/smuggled"),
+        "{:?}",
+        received
+            .iter()
+            .map(|r| &r.path_and_query)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
