@@ -32,6 +32,7 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 use balance::Balancer;
 use breaker::Breaker;
 use connect::Addressing;
+pub use connect::MAX_NAMES;
 pub use retry::{ClientBody, Outgoing, RequestBody};
 use retry::{InFlight, Reason, Replay, Retries};
 use target::{TargetLease, Targets};

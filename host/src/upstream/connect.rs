@@ -5,20 +5,27 @@
 //! for. That host is what HTTP/2 sends as `:authority` and what TLS sends as SNI and
 //! verifies, and it keys the pool, so a connection verified for one name never carries a
 //! request for another.
+//!
+//! The host comes from the client when the upstream fixes neither `host_header` nor
+//! `server_name`, so a target keeps pools for at most [`MAX_NAMES`] hosts besides its own
+//! address: past that, the least recently used is dropped with its idle connections. A client
+//! sending a new `Host` with every request costs a handshake each time, not memory that grows
+//! until the connections' idle timeout.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Uri};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Builder, Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -31,8 +38,27 @@ use crate::config::{self, Protocol};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A target's connection pool.
-pub type Pool = Client<Connector, RequestBody>;
+/// Hosts a target keeps connection pools for, besides its own address.
+pub const MAX_NAMES: usize = 100;
+
+type Pooled = Client<Connector, RequestBody>;
+
+/// A target's connection pools: one for requests addressed to the target itself, and one per
+/// host name requests are addressed by (see the module's description).
+pub struct Pool {
+    target: Authority,
+    builder: Builder,
+    connector: Connector,
+    own: Pooled,
+    by_name: Mutex<Names>,
+}
+
+/// The pools for host names, each with when it was last used.
+#[derive(Default)]
+struct Names {
+    pools: HashMap<Authority, (Pooled, u64)>,
+    uses: u64,
+}
 
 /// How an upstream's requests are addressed, shared by the pools of all its targets.
 #[derive(Debug, Clone)]
@@ -130,7 +156,47 @@ pub fn pool(settings: &config::Upstream, tls: &ClientConfig, target: &Authority)
         .pool_idle_timeout(settings.idle_timeout_ms)
         // With TLS, ALPN decides; in clear text only prior knowledge can.
         .http2_only(settings.protocol == Protocol::Http2);
-    builder.build(connector)
+    Pool {
+        target: target.clone(),
+        own: builder.build(connector.clone()),
+        builder,
+        connector,
+        by_name: Mutex::default(),
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    /// Sends `request` on a connection for the host its URI names.
+    pub fn request(&self, request: Request<RequestBody>) -> ResponseFuture {
+        match request.uri().authority() {
+            Some(name) if *name != self.target => self.for_name(name).request(request),
+            _ => self.own.request(request),
+        }
+    }
+
+    /// The pool for `name`, made if there is none; the least recently used one goes when
+    /// there are too many.
+    fn for_name(&self, name: &Authority) -> Pooled {
+        // A poisoned lock only means a panic while the map was consistent: keep using it.
+        let mut names = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        names.uses += 1;
+        let now = names.uses;
+        if let Some((pool, used)) = names.pools.get_mut(name) {
+            *used = now;
+            return pool.clone();
+        }
+        if names.pools.len() >= MAX_NAMES {
+            let oldest = names.pools.iter().min_by_key(|(_, (_, used))| *used);
+            if let Some(oldest) = oldest.map(|(name, _)| name.clone()) {
+                names.pools.remove(&oldest);
+            }
+        }
+        let pool = self.builder.build(self.connector.clone());
+        names.pools.insert(name.clone(), (pool.clone(), now));
+        pool
+    }
 }
 
 fn https(

@@ -103,6 +103,35 @@ async fn http2_in_clear_text_multiplexes_one_connection_and_names_the_host() {
 }
 
 #[tokio::test]
+async fn pools_are_kept_for_a_bounded_number_of_hosts_the_least_recently_used_dropped() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, &fragment("protocol = \"http2\"")).await;
+    let host = |i: usize| format!("h{i}.example");
+    let names = sluice::upstream::MAX_NAMES;
+
+    // One more host than are kept: the first one's pool goes to make room for the last.
+    for i in 0..=names {
+        let reply = get_as(&gateway, &host(i)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(upstream.connections(), names + 1, "one connection per host");
+    for i in [names, 1, names] {
+        assert_eq!(get_as(&gateway, &host(i)).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        upstream.connections(),
+        names + 1,
+        "kept hosts reuse their connection"
+    );
+    assert_eq!(get_as(&gateway, &host(0)).await.status, StatusCode::OK);
+    assert_eq!(
+        upstream.connections(),
+        names + 2,
+        "the least recently used host's pool was dropped"
+    );
+}
+
+#[tokio::test]
 async fn tls_checks_the_certificate_against_the_host_sent_upstream() {
     let authority = Authority::new("host-sent");
     let upstream = TestUpstream::start_tls(authority.server(&["backend.test"], BOTH)).await;
