@@ -294,3 +294,30 @@ async fn a_kubernetes_style_symlink_swap_reloads_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn encoded_slash_changes_on_reload() {
+    let upstream = TestUpstream::start().await;
+    let workspace = Workspace::new("encoded-slash");
+    let path = workspace.path("sluice.toml");
+    let route = "[[routes]]\nname = \"plain\"\npath_prefix = \"/\"\nupstream = \"app\"\n";
+    let text = |action: &str| {
+        sluice_tests::gateway::config_text_with(
+            &upstream,
+            &format!("encoded_slash = \"{action}\""),
+            route,
+        )
+    };
+    std::fs::write(&path, text("reject")).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+    assert_eq!(
+        get(&gateway.url("/a%2Fb")).await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    std::fs::write(&path, text("decode")).unwrap();
+    let (status, answer) = gateway.reload().await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(get(&gateway.url("/a%2Fb")).await.status, StatusCode::OK);
+    assert_eq!(upstream.last().path_and_query, "/a/b");
+}
