@@ -81,6 +81,31 @@ pub async fn truncating(chunked: bool) -> SocketAddr {
     .0
 }
 
+/// A server that works on one request at a time, each for `service_time`, and queues the
+/// others: its answers slow down with every request waiting. The counter holds the requests
+/// it has now, answered or waiting.
+pub async fn queueing(service_time: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    let worker = Arc::new(tokio::sync::Mutex::new(()));
+    raw_server(move |mut stream, present: Arc<AtomicUsize>| {
+        let worker = worker.clone();
+        async move {
+            while read_head(&mut stream).await.is_some() {
+                present.fetch_add(1, Ordering::SeqCst);
+                {
+                    let _turn = worker.lock().await;
+                    tokio::time::sleep(service_time).await;
+                }
+                present.fetch_sub(1, Ordering::SeqCst);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
 async fn raw_server<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
 where
     F: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + 'static,

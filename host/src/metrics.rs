@@ -35,6 +35,7 @@ pub struct Metrics {
     target_ejections: IntCounterVec,
     circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
+    concurrency_limit: IntGaugeVec,
     pub connections_active: IntGauge,
     llm: LlmMetrics,
     plugin_compile: Histogram,
@@ -70,6 +71,7 @@ pub struct UpstreamMetrics {
     target_ejections: IntCounterVec,
     pub circuit_state: IntGauge,
     circuit_transitions: IntCounterVec,
+    concurrency_limit: IntGaugeVec,
 }
 
 /// Metrics of LLM routes, named after the OpenTelemetry GenAI conventions where one exists.
@@ -199,6 +201,12 @@ impl Metrics {
                 "sluice_upstream_circuit_transitions_total",
                 "Circuit breaker state changes, by upstream and the state entered.",
                 &["upstream", "state"],
+            ),
+            concurrency_limit: gauge(
+                &registry,
+                "sluice_upstream_concurrency_limit",
+                "An upstream's adaptive concurrency limit: requests it may have in flight now.",
+                &["upstream"],
             ),
             connections_active: plain_gauge(
                 &registry,
@@ -368,6 +376,7 @@ impl Metrics {
             target_ejections: self.target_ejections.clone(),
             circuit_state: self.circuit_state.with_label_values(&[name]),
             circuit_transitions: self.circuit_transitions.clone(),
+            concurrency_limit: self.concurrency_limit.clone(),
         }
     }
 
@@ -553,6 +562,12 @@ impl UpstreamMetrics {
         self.target_ejections
             .with_label_values(&[&self.upstream, target])
             .inc();
+    }
+
+    /// The gauge of the upstream's adaptive concurrency limit; only upstreams that have one
+    /// get the series.
+    pub fn concurrency_limit(&self) -> IntGauge {
+        self.concurrency_limit.with_label_values(&[&self.upstream])
     }
 
     /// Records the circuit breaker entering `state` (0 closed, 1 open, 2 half open).

@@ -1,13 +1,15 @@
 //! Upstreams: groups of servers behind one bulkhead and one connection pool, with load
 //! balancing, health checks, a circuit breaker and retries.
 //!
-//! A request to an upstream passes, in order: the bulkhead (503 `upstream_saturated` when
-//! full), target selection among the usable targets (503 `no_healthy_target` when there is
-//! none), the circuit breaker (503 `circuit_open`), then one attempt per try. A failed try is
-//! retried, on another target when there is one, only when that is safe: the connection was
-//! never made, or the method is idempotent and no answer arrived (or the answer's status is
-//! configured as retryable), and the retry budget has room.
+//! A request to an upstream passes, in order: the bulkhead and the adaptive concurrency
+//! limit, when there is one (503 `upstream_saturated` when full), target selection among the
+//! usable targets (503 `no_healthy_target` when there is none), the circuit breaker (503
+//! `circuit_open`), then one attempt per try. A failed try is retried, on another target when
+//! there is one, only when that is safe: the connection was never made, or the method is
+//! idempotent and no answer arrived (or the answer's status is configured as retryable), and
+//! the retry budget has room.
 
+mod adaptive;
 mod balance;
 mod breaker;
 mod connect;
@@ -17,7 +19,7 @@ mod target;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};
@@ -29,6 +31,7 @@ use crate::admission::{Gate, Slot};
 use crate::config;
 use crate::metrics::{Metrics, UpstreamMetrics};
 
+use adaptive::{AdaptiveLimit, Ticket};
 use balance::Balancer;
 use breaker::Breaker;
 use connect::Addressing;
@@ -43,6 +46,7 @@ pub struct Upstream {
     targets: Arc<Targets>,
     balancer: Balancer,
     bulkhead: Gate,
+    adaptive: Option<Arc<AdaptiveLimit>>,
     breaker: Option<Arc<Breaker>>,
     retries: Retries,
     try_timeout: Option<Duration>,
@@ -53,10 +57,12 @@ pub struct Upstream {
 }
 
 /// What a response from an upstream holds on to until its body has been sent on: the
-/// bulkhead slot, the target's in-flight count and the retry budget's count of requests.
+/// bulkhead slot, its place under the adaptive limit, the target's in-flight count and the
+/// retry budget's count of requests.
 #[derive(Debug)]
 pub struct Lease {
     _slot: Slot,
+    _ticket: Option<Ticket>,
     target: TargetLease,
     _in_flight: InFlight,
 }
@@ -126,6 +132,10 @@ impl Upstream {
             balancer: Balancer::new(settings),
             targets,
             bulkhead,
+            adaptive: (settings.adaptive_concurrency.as_ref()).map(|adaptive| {
+                let gauge = metrics.concurrency_limit();
+                Arc::new(AdaptiveLimit::new(adaptive, settings.max_in_flight, gauge))
+            }),
             breaker: (settings.circuit_breaker.as_ref())
                 .map(|breaker| Arc::new(Breaker::new(breaker, &metrics))),
             retries: Retries::new(&settings.retry),
@@ -151,6 +161,12 @@ impl Upstream {
             .bulkhead
             .try_enter()
             .ok_or(UpstreamError::Saturated(self.bulkhead.capacity()))?;
+        let ticket = match &self.adaptive {
+            Some(limit) => {
+                Some((limit.try_acquire()).ok_or_else(|| UpstreamError::Saturated(limit.limit()))?)
+            }
+            None => None,
+        };
         let in_flight = self.retries.in_flight();
         let (mut parts, body) = request.into_parts();
         if let Some(host) = &self.host_header {
@@ -187,7 +203,15 @@ impl Upstream {
             });
             let Some(place) = place else {
                 return attempt
-                    .map(|(response, target)| (response, self.lease(slot, target, in_flight)))
+                    .map(|(response, target)| {
+                        let lease = Lease {
+                            _slot: slot,
+                            _ticket: ticket,
+                            target,
+                            _in_flight: in_flight,
+                        };
+                        (response, lease)
+                    })
                     .map_err(|(err, _)| err);
             };
             previous = match attempt {
@@ -227,6 +251,7 @@ impl Upstream {
         })?;
         let request = self.attempt_request(parts, headers, target, body);
 
+        let started = Instant::now();
         let outcome = match self.try_timeout {
             Some(limit) => match tokio::time::timeout(limit, pool.request(request)).await {
                 Ok(result) => result.map_err(|err| classify(&err, target)),
@@ -237,6 +262,11 @@ impl Upstream {
             },
             None => (pool.request(request).await).map_err(|err| classify(&err, target)),
         };
+        if let Some(limit) = &self.adaptive
+            && matches!(outcome, Ok(_) | Err(UpstreamError::Timeout { .. }))
+        {
+            limit.sample(started.elapsed());
+        }
         let failed = match &outcome {
             Ok(response) => {
                 let status = response.status();
@@ -290,14 +320,6 @@ impl Upstream {
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
         request
-    }
-
-    fn lease(&self, slot: Slot, target: TargetLease, in_flight: InFlight) -> Lease {
-        Lease {
-            _slot: slot,
-            target,
-            _in_flight: in_flight,
-        }
     }
 }
 

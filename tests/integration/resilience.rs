@@ -229,6 +229,63 @@ async fn a_retry_budget_of_20_percent_bounds_retries_of_200_failing_requests() {
 }
 
 #[tokio::test]
+async fn an_adaptive_limit_falls_when_the_upstream_queues_and_the_excess_is_shed() {
+    let (addr, present) = faulty::queueing(Duration::from_millis(10)).await;
+    let gateway = gateway(&format!(
+        "targets = [\"{addr}\"]\n[upstreams.adaptive_concurrency]\ninitial_limit = 40\n"
+    ))
+    .await;
+    let limit = "sluice_upstream_concurrency_limit{upstream=\"pool\"}";
+    assert_eq!(metric(&gateway.metrics().await, limit), 40.0);
+
+    // One at a time, every answer takes the service time: the upstream's usual latency.
+    let client = client();
+    for _ in 0..20 {
+        let reply = get_with(&client, &gateway.url("/")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    // Forty clients at once for two seconds: unlimited, each would wait behind 39 others.
+    let until = Instant::now() + Duration::from_secs(2);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let (client, url) = (client.clone(), gateway.url("/"));
+            tokio::spawn(async move {
+                let (mut served, mut shed) = (0, 0);
+                while Instant::now() < until {
+                    let reply = get_with(&client, &url).await;
+                    if reply.status == StatusCode::OK {
+                        served += 1;
+                    } else {
+                        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+                        assert_eq!(reply.json()["error"], "upstream_saturated");
+                        shed += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                (served, shed)
+            })
+        })
+        .collect();
+    // Once the limit has settled, the upstream's own queue stays short.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut queued = 0;
+    while Instant::now() < until {
+        queued = queued.max(present.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut served, mut shed) = (0, 0);
+    for counts in clients {
+        let (s, r) = counts.await.expect("client task");
+        (served, shed) = (served + s, shed + r);
+    }
+
+    let settled = metric(&gateway.metrics().await, limit);
+    assert!(settled <= 15.0, "the limit stayed at {settled}");
+    assert!(queued <= 20, "{queued} requests queued in the upstream");
+    assert!(served > 0 && shed > 0, "{served} served, {shed} shed");
+}
+
+#[tokio::test]
 async fn weighted_round_robin_follows_the_weights() {
     let (light, heavy) = (
         ControlledUpstream::start().await,

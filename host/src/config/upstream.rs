@@ -36,6 +36,10 @@ pub struct Upstream {
     /// upstream fills only its own slots. Beyond it requests are answered 503 at once.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: u32,
+    /// A limit under `max_in_flight` that follows the upstream's latency, so that requests
+    /// are refused at the gateway rather than left to queue inside the upstream.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Active checks: a request to each target at an interval, in the background.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -192,6 +196,21 @@ pub struct CircuitBreaker {
     pub half_open_probes: u32,
 }
 
+/// A concurrency limit found from latency: it grows while the upstream answers as fast as it
+/// usually does, and shrinks, by at most half at a time, when answers slow down because
+/// requests queue inside it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConcurrency {
+    /// The limit before any latency has been measured (at most `max_in_flight`, which is
+    /// also the highest the limit goes).
+    pub initial_limit: u32,
+    /// The lowest the limit goes.
+    pub min_limit: u32,
+    /// Latency up to this multiple of the long-run average counts as no queueing (at least 1).
+    pub tolerance: f64,
+}
+
 /// When and how a failed attempt is tried again, on another target when there is one.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,6 +272,9 @@ impl Upstream {
         }
         if let Some(check) = &self.health_check {
             check.check(&mut problem);
+        }
+        if let Some(adaptive) = &self.adaptive_concurrency {
+            adaptive.check(self.max_in_flight, &mut problem);
         }
         if let Some(breaker) = &self.circuit_breaker {
             breaker.check(&mut problem);
@@ -316,6 +338,23 @@ impl HealthCheck {
     }
 }
 
+impl AdaptiveConcurrency {
+    fn check(&self, max_in_flight: u32, problem: &mut impl FnMut(String)) {
+        if self.min_limit == 0
+            || self.min_limit > self.initial_limit
+            || self.initial_limit > max_in_flight
+        {
+            problem(format!(
+                "adaptive_concurrency: need 1 <= min_limit <= initial_limit <= max_in_flight \
+                 ({max_in_flight})"
+            ));
+        }
+        if !(self.tolerance >= 1.0 && self.tolerance.is_finite()) {
+            problem("adaptive_concurrency: tolerance must be a number of at least 1".into());
+        }
+    }
+}
+
 impl OutlierDetection {
     fn check(&self, problem: &mut impl FnMut(String)) {
         if self.consecutive_failures == 0 {
@@ -364,6 +403,16 @@ impl Target {
         match self {
             Target::Address(_) => 1,
             Target::Weighted(target) => target.weight,
+        }
+    }
+}
+
+impl Default for AdaptiveConcurrency {
+    fn default() -> Self {
+        AdaptiveConcurrency {
+            initial_limit: 20,
+            min_limit: 1,
+            tolerance: 1.5,
         }
     }
 }
@@ -507,6 +556,14 @@ mod tests {
                 "base_ejection_ms",
             ),
             ("[upstreams.retry]\non_status = [404]", "404"),
+            (
+                "max_in_flight = 10\n[upstreams.adaptive_concurrency]\ninitial_limit = 20",
+                "initial_limit",
+            ),
+            (
+                "[upstreams.adaptive_concurrency]\ntolerance = 0.5",
+                "tolerance",
+            ),
             (
                 "[upstreams.retry]\nbackoff_base_ms = 18446744073709551615",
                 "more than a week",
