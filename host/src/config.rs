@@ -17,8 +17,8 @@ mod upstream;
 pub use llm::{Consumer, Deployment, Llm, Model, Provider};
 
 pub use upstream::{
-    CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection, Protocol, Retry, Target,
-    Upstream, UpstreamTls,
+    AdaptiveConcurrency, CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection,
+    Protocol, Retry, Target, Upstream, UpstreamTls,
 };
 
 /// The whole configuration.

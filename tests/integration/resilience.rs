@@ -259,7 +259,7 @@ async fn an_adaptive_limit_falls_when_the_upstream_queues_and_the_excess_is_shed
                         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
                         assert_eq!(reply.json()["error"], "upstream_saturated");
                         shed += 1;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
                 (served, shed)
