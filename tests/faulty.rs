@@ -23,6 +23,28 @@ pub async fn refusing() -> SocketAddr {
     listener.local_addr().expect("address")
 }
 
+/// A listener that never accepts, with its backlog already full: new connections are never
+/// completed, so connecting to it times out. The address stays like this while the returned
+/// listener and connections are kept.
+pub async fn unanswered_syn() -> (SocketAddr, (tokio::net::TcpListener, Vec<TcpStream>)) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let mut filling = Vec::new();
+    loop {
+        let connect = TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(200), connect).await {
+            Ok(Ok(stream)) => filling.push(stream),
+            Ok(Err(err)) => panic!("connecting to fill the backlog: {err}"),
+            Err(_) => return (addr, (listener, filling)),
+        }
+        assert!(filling.len() < 64, "the backlog never filled");
+    }
+}
+
 /// A server that accepts connections and reads forever, never answering.
 pub async fn silent() -> SocketAddr {
     raw_server(|mut stream, _| async move {

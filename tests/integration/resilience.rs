@@ -104,6 +104,29 @@ async fn failures_map_to_502_504_and_503_with_their_reason() {
 }
 
 #[tokio::test]
+async fn a_connect_that_never_completes_gets_504_after_the_connect_timeout() {
+    let (addr, _backlog) = faulty::unanswered_syn().await;
+    let gateway = gateway(&format!(
+        "targets = [\"{addr}\"]\nconnect_timeout_ms = 300\n[upstreams.retry]\nmax_retries = 0\n"
+    ))
+    .await;
+
+    let started = Instant::now();
+    let reply = get(&gateway.url("/")).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["error"], "upstream_connect_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let metrics = gateway.metrics().await;
+    let series = "sluice_upstream_requests_total{status=\"connect_timeout\",upstream=\"pool\"}";
+    assert_eq!(metric(&metrics, series), 1.0, "{metrics}");
+}
+
+#[tokio::test]
 async fn a_keep_alive_connection_closed_under_a_request_retries_a_get_but_not_a_post() {
     let (addr, seen) = faulty::closing_after_first().await;
     let gateway = gateway(&format!("targets = [\"{addr}\"]")).await;
