@@ -14,7 +14,7 @@ use serde::Deserialize;
 mod llm;
 mod upstream;
 
-pub use llm::{Consumer, Deployment, Llm, Model, Provider};
+pub use llm::{Consumer, Deployment, Llm, Model, Provider, Tokenizer};
 
 pub use upstream::{
     AdaptiveConcurrency, CircuitBreaker, HashOn, HealthCheck, LoadBalancing, OutlierDetection,
@@ -581,6 +581,20 @@ mod tests {
         );
         let err = Config::parse(&text).expect_err("dangling");
         assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn an_llm_tokenizer_is_refused_or_taken_as_the_build_allows() {
+        let text = format!("{MINIMAL}\n[routes.llm]\ntokenizer = \"o200k_base\"\n");
+        let parsed = Config::parse(&text);
+        if cfg!(feature = "exact-tokens") {
+            let config = parsed.expect("valid");
+            let llm = config.routes[0].llm.as_ref().expect("an LLM route");
+            assert_eq!(llm.tokenizer, Tokenizer::O200kBase);
+        } else {
+            let message = parsed.expect_err("needs the feature").to_string();
+            assert!(message.contains("exact-tokens"), "{message}");
+        }
     }
 
     #[test]

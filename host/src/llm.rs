@@ -2,8 +2,8 @@
 //! streams.
 //!
 //! A request to an LLM API path is read (up to a size cap) for its model, stream flag and
-//! output cap. Its token estimate (a quarter of the body's bytes, plus the output cap for
-//! every answer asked for) is reserved from the consumer's budget before anything is sent;
+//! output cap. Its token estimate (the prompt's tokens, see [`tokens`], plus the output cap
+//! for every answer asked for) is reserved from the consumer's budget before anything is sent;
 //! when it does not fit, the answer is 429 at once. The request goes to a deployment of its
 //! model that has budget left by its provider's rate-limit headers; when none has, it waits
 //! (up to `budget_wait_ms`) for the earliest reset, then gets 429. Before the answer's first
@@ -15,6 +15,7 @@ mod budget;
 mod deployment;
 mod request;
 mod stream;
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,7 +29,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::{self, Consumer, Provider};
+use crate::config::{self, Consumer, Provider, Tokenizer};
 use crate::metrics::LlmMetrics;
 use crate::proxy::Body;
 use crate::upstream::{ClientBody, Lease, Outgoing, Upstream, UpstreamError};
@@ -41,6 +42,9 @@ use stream::{Account, Metered};
 /// LLM request. A client's own is removed before the policies run, and the header is never
 /// sent upstream.
 pub const ESTIMATE_HEADER: &str = "x-sluice-llm-estimate";
+
+/// Bodies up to this size are run through a tokenizer on the async worker that read them.
+const INLINE_TOKENIZER_BYTES: usize = 16 << 10;
 
 /// An LLM route's settings, its models' deployments and its consumers' budgets.
 #[derive(Debug)]
@@ -106,6 +110,7 @@ impl LlmRoute {
                 (model.name.clone(), deployments)
             })
             .collect();
+        tokens::load(settings.tokenizer);
         let budgets = settings.consumer_tokens_per_minute.map(|per_minute| {
             let reserved = metrics.reserved.with_label_values(&[route]);
             Arc::new(ConsumerBudgets::new(per_minute, reserved))
@@ -137,7 +142,10 @@ impl LlmRoute {
         let replaced = parts.headers.remove(ESTIMATE_HEADER);
         let bytes = self.read_body(body).await?;
         let api = Api::of_path(parts.uri.path());
-        let parsed = api.and_then(|api| LlmRequest::parse(api, &bytes));
+        let parsed = match api {
+            Some(api) => self.parse(api, bytes.clone()).await,
+            None => None,
+        };
         let Some(llm) = parsed else {
             self.metrics.unparsed(route);
             return pass_through(fallback, parts, bytes, client).await;
@@ -158,6 +166,17 @@ impl LlmRoute {
             client,
         };
         self.dispatch(deployments, pending, charge).await
+    }
+
+    /// Reads the request and counts its prompt: off the async workers when that means
+    /// running a tokenizer over a large body.
+    async fn parse(&self, api: Api, bytes: Bytes) -> Option<LlmRequest> {
+        let tokenizer = self.settings.tokenizer;
+        if tokenizer == Tokenizer::Bytes || bytes.len() <= INLINE_TOKENIZER_BYTES {
+            return LlmRequest::parse(api, &bytes, tokenizer);
+        }
+        let parse = move || LlmRequest::parse(api, &bytes, tokenizer);
+        tokio::task::spawn_blocking(parse).await.ok().flatten()
     }
 
     async fn read_body(&self, body: ClientBody) -> Result<Bytes, LlmError> {

@@ -23,7 +23,8 @@ usage: cargo xtask <command>
 commands:
   build-plugins   build every policy and test guest for wasm32-wasip2 (profile `plugin`)
   test [ARGS]     build the plugins, install llmock (the mock LLM provider), then
-                  `cargo test --workspace [ARGS]`
+                  `cargo test --workspace [ARGS]`; without ARGS, also the gateway's
+                  unit tests with its `exact-tokens` feature
   llmock          install llmock into target/llmock-venv (`test` does this when needed)
   demo            run the quickstart gateway in front of a local echo upstream
   bench [ARGS]    benchmark Sluice side by side with nginx (`bench/bench.sh help`)";
@@ -71,18 +72,28 @@ fn run(command: &str, args: &[String], root: &Path) -> Result<ExitCode> {
 }
 
 /// `cargo xtask test`: the workspace tests need the plugins, which `cargo test` cannot build,
-/// and the mock LLM provider. Exits with the status of `cargo test`, so CI sees its failure as
-/// it is.
+/// and the mock LLM provider. Without arguments, the gateway's own tests then run again with
+/// its optional `exact-tokens` feature. Exits with the status of the first `cargo test` that
+/// fails, so CI sees its failure as it is.
 fn test(root: &Path, args: &[String]) -> Result<ExitCode> {
     plugins::build(root)?;
     let llmock = llmock::ensure(root)?;
 
-    let status = cargo::cargo(root)
-        .args(["test", "--workspace"])
-        .args(args)
-        .env("SLUICE_LLMOCK", llmock)
-        .status()
-        .map_err(|err| format!("cannot run cargo: {err}"))?;
+    let run = |args: &[&str]| {
+        cargo::cargo(root)
+            .arg("test")
+            .args(args)
+            .env("SLUICE_LLMOCK", &llmock)
+            .status()
+            .map_err(|err| format!("cannot run cargo: {err}"))
+    };
+    let mut workspace = vec!["--workspace"];
+    workspace.extend(args.iter().map(String::as_str));
+    let status = run(&workspace)?;
+    if !status.success() || !args.is_empty() {
+        return Ok(exit_code(status));
+    }
+    let status = run(&["-p", "sluice", "--lib", "--features", "exact-tokens"])?;
     Ok(exit_code(status))
 }
 

@@ -15,6 +15,11 @@ pub struct Llm {
     /// The largest request body read to find the model and output cap; larger ones get 413.
     #[serde(default = "defaults::max_request_bytes")]
     pub max_request_bytes: u64,
+    /// How a prompt's tokens are estimated: `"bytes"` (a quarter of the body's bytes, the
+    /// default), or with an OpenAI tokenizer over the prompt's text, `"o200k_base"` or
+    /// `"cl100k_base"` (in gateways built with the `exact-tokens` feature).
+    #[serde(default)]
+    pub tokenizer: Tokenizer,
     /// The output cap assumed for a request that sets none.
     #[serde(default = "defaults::default_max_tokens")]
     pub default_max_tokens: u64,
@@ -41,6 +46,15 @@ pub struct Llm {
     /// listed goes to the route's `upstream` unchanged.
     #[serde(default)]
     pub models: Vec<Model>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tokenizer {
+    #[default]
+    Bytes,
+    O200kBase,
+    Cl100kBase,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -142,6 +156,13 @@ impl Llm {
                 "route `{route}`: consumer header `{name}` is not a header name"
             ));
         }
+        if self.tokenizer != Tokenizer::Bytes && !cfg!(feature = "exact-tokens") {
+            problems.push(format!(
+                "route `{route}`: tokenizer = \"{}\" needs a gateway built with the \
+                 `exact-tokens` feature (cargo build -p sluice --features exact-tokens)",
+                self.tokenizer.as_str()
+            ));
+        }
         if self.consumer_tokens_per_minute == Some(0) {
             problems.push(format!(
                 "route `{route}`: consumer_tokens_per_minute must be above zero"
@@ -155,6 +176,16 @@ impl Deployment {
         self.name
             .clone()
             .unwrap_or_else(|| format!("{}/{}", self.upstream, self.model))
+    }
+}
+
+impl Tokenizer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tokenizer::Bytes => "bytes",
+            Tokenizer::O200kBase => "o200k_base",
+            Tokenizer::Cl100kBase => "cl100k_base",
+        }
     }
 }
 

@@ -4,6 +4,9 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
+use super::tokens;
+use crate::config::Tokenizer;
+
 /// The LLM API a request path belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -26,7 +29,8 @@ pub struct LlmRequest {
     pub output_cap: Option<u64>,
     /// Answers asked for (`n`).
     pub choices: u64,
-    prompt_bytes: usize,
+    /// The prompt's tokens, as counted by the route's tokenizer.
+    prompt_tokens: u64,
     /// Whether a streaming client asked for the usage event itself.
     pub client_wants_usage: bool,
 }
@@ -51,8 +55,9 @@ impl Api {
 // === impl LlmRequest ===
 
 impl LlmRequest {
-    /// Reads the body; `None` when it is not a JSON object naming a model.
-    pub fn parse(api: Api, bytes: &[u8]) -> Option<LlmRequest> {
+    /// Reads the body and counts its prompt; `None` when it is not a JSON object naming a
+    /// model.
+    pub fn parse(api: Api, bytes: &[u8], tokenizer: Tokenizer) -> Option<LlmRequest> {
         let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(bytes) else {
             return None;
         };
@@ -66,7 +71,7 @@ impl LlmRequest {
             stream: body.get("stream").and_then(Value::as_bool) == Some(true),
             output_cap,
             choices: body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
-            prompt_bytes: bytes.len(),
+            prompt_tokens: tokens::prompt_tokens(tokenizer, &body, bytes.len()),
             client_wants_usage: body
                 .get("stream_options")
                 .and_then(|options| options.get("include_usage"))
@@ -76,9 +81,9 @@ impl LlmRequest {
         })
     }
 
-    /// The prompt's tokens, estimated as a quarter of the body's bytes.
+    /// The prompt's tokens, as the route's tokenizer counted them.
     pub fn prompt_estimate(&self) -> u64 {
-        (self.prompt_bytes as u64).div_ceil(4)
+        self.prompt_tokens
     }
 
     /// Tokens the request may use: the prompt, plus the output cap for every answer.
@@ -118,7 +123,8 @@ mod tests {
     #[test]
     fn reads_model_stream_cap_and_choices() {
         let body = br#"{"model":"m","stream":true,"max_tokens":50,"n":2,"messages":[]}"#;
-        let request = LlmRequest::parse(Api::ChatCompletions, body).expect("valid");
+        let request =
+            LlmRequest::parse(Api::ChatCompletions, body, Tokenizer::Bytes).expect("valid");
         assert_eq!(request.model, "m");
         assert!(request.stream && request.needs_usage_event());
         assert_eq!(
@@ -130,7 +136,8 @@ mod tests {
     #[test]
     fn the_rewritten_body_names_the_deployment_model_and_asks_for_usage() {
         let body = br#"{"model":"public","stream":true,"messages":[]}"#;
-        let request = LlmRequest::parse(Api::ChatCompletions, body).expect("valid");
+        let request =
+            LlmRequest::parse(Api::ChatCompletions, body, Tokenizer::Bytes).expect("valid");
         let sent: Value = serde_json::from_slice(&request.body_for("private")).expect("json");
         assert_eq!(sent["model"], "private");
         assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -139,13 +146,14 @@ mod tests {
     #[test]
     fn huge_caps_saturate_rather_than_wrap() {
         let body = br#"{"model":"m","max_tokens":4294967296,"n":4294967296}"#;
-        let request = LlmRequest::parse(Api::ChatCompletions, body).expect("valid");
+        let request =
+            LlmRequest::parse(Api::ChatCompletions, body, Tokenizer::Bytes).expect("valid");
         assert_eq!(request.estimate(1), u64::MAX);
     }
 
     #[test]
     fn bodies_without_a_model_are_not_parsed() {
-        assert!(LlmRequest::parse(Api::Messages, b"{\"messages\":[]}").is_none());
-        assert!(LlmRequest::parse(Api::Messages, b"not json").is_none());
+        assert!(LlmRequest::parse(Api::Messages, b"{\"messages\":[]}", Tokenizer::Bytes).is_none());
+        assert!(LlmRequest::parse(Api::Messages, b"not json", Tokenizer::Bytes).is_none());
     }
 }
