@@ -109,7 +109,12 @@ impl Reloader {
     }
 
     async fn reload_if_changed(&mut self) {
-        let current = checksum(&self.path);
+        // Reading and hashing every file takes a while for large plugins: not on a worker
+        // that serves requests. A failed hash counts as a change, so the reload says why.
+        let path = self.path.clone();
+        let current = tokio::task::spawn_blocking(move || checksum(&path))
+            .await
+            .unwrap_or_default();
         if current != self.seen {
             self.seen = current;
             self.outcome = self.reload().await;
