@@ -18,10 +18,41 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The far end of a client connection, with the text the forwarding headers give its
+/// address: written once per connection, not once per request.
+#[derive(Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The address, an IPv4-mapped IPv6 one as IPv4.
+    ip: IpAddr,
+    /// As `X-Forwarded-For` lists it.
+    listed: String,
+    /// As `Forwarded` names it (RFC 7239: an IPv6 address in brackets and quotes).
+    node: String,
+}
+
 /// The proxies whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     networks: Vec<IpNet>,
+}
+
+// === impl Peer ===
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        let node = match ip {
+            IpAddr::V4(ip) => format!("for={ip}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
+        Peer {
+            addr,
+            ip,
+            listed: ip.to_string(),
+            node,
+        }
+    }
 }
 
 // === impl TrustedProxies ===
@@ -38,8 +69,8 @@ impl TrustedProxies {
 
     /// The address of the client: the peer, or when the peer is trusted, the rightmost address
     /// in `X-Forwarded-For` that is not (the leftmost one if all are).
-    pub fn client_addr(&self, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
-        let peer = peer.ip().to_canonical();
+    pub fn client_addr(&self, headers: &HeaderMap, peer: &Peer) -> IpAddr {
+        let peer = peer.ip;
         if !self.contains(peer) {
             return peer;
         }
@@ -64,12 +95,11 @@ impl TrustedProxies {
     pub fn set_headers(
         &self,
         headers: &mut HeaderMap,
-        peer: SocketAddr,
+        peer: &Peer,
         host: Option<&HeaderValue>,
         scheme: &'static str,
     ) {
-        let peer_ip = peer.ip().to_canonical();
-        let trusted = self.contains(peer_ip);
+        let trusted = self.contains(peer.ip);
         if !trusted {
             for name in [
                 &X_FORWARDED_FOR,
@@ -81,7 +111,7 @@ impl TrustedProxies {
             }
         }
 
-        append_forwarded_for(headers, peer_ip);
+        append_forwarded_for(headers, peer);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
         }
@@ -90,7 +120,7 @@ impl TrustedProxies {
         {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        append_forwarded(headers, peer_ip, host, scheme);
+        append_forwarded(headers, peer, host, scheme);
     }
 }
 
@@ -116,19 +146,19 @@ fn parse_hop(entry: &str) -> Option<IpAddr> {
 }
 
 /// Appends `peer` to `X-Forwarded-For`, joining earlier lines into one.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
     let mut value = join(headers, &X_FORWARDED_FOR);
     if !value.is_empty() {
         value.push_str(", ");
     }
-    value.push_str(&peer.to_string());
+    value.push_str(&peer.listed);
     set_text(headers, X_FORWARDED_FOR.clone(), &value);
 }
 
 /// Appends this hop to `Forwarded` (RFC 7239).
 fn append_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &Peer,
     host: Option<&HeaderValue>,
     scheme: &str,
 ) {
@@ -136,12 +166,15 @@ fn append_forwarded(
     if !value.is_empty() {
         value.push_str(", ");
     }
-    match peer {
-        IpAddr::V4(ip) => value.push_str(&format!("for={ip}")),
-        IpAddr::V6(ip) => value.push_str(&format!("for=\"[{ip}]\"")),
-    }
+    value.push_str(&peer.node);
     if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-        value.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        value.push_str(";host=\"");
+        if host.contains(['"', '\\']) {
+            value.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        } else {
+            value.push_str(host);
+        }
+        value.push('"');
     }
     value.push_str(";proto=");
     value.push_str(scheme);
@@ -173,8 +206,8 @@ mod tests {
         TrustedProxies::new(networks.iter().map(|n| n.parse().unwrap()).collect())
     }
 
-    fn peer(ip: &str) -> SocketAddr {
-        SocketAddr::new(ip.parse().unwrap(), 40000)
+    fn peer(ip: &str) -> Peer {
+        Peer::new(SocketAddr::new(ip.parse().unwrap(), 40000))
     }
 
     fn with_xff(value: &str) -> HeaderMap {
@@ -190,11 +223,11 @@ mod tests {
         let proxies = trusting(&["10.0.0.0/8"]);
         let mut headers = with_xff("6.6.6.6");
         assert_eq!(
-            proxies.client_addr(&headers, peer("192.0.2.1")),
-            peer("192.0.2.1").ip()
+            proxies.client_addr(&headers, &peer("192.0.2.1")),
+            peer("192.0.2.1").addr.ip()
         );
 
-        proxies.set_headers(&mut headers, peer("192.0.2.1"), None, "http");
+        proxies.set_headers(&mut headers, &peer("192.0.2.1"), None, "http");
         assert_eq!(headers["x-forwarded-for"], "192.0.2.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers[header::FORWARDED], "for=192.0.2.1;proto=http");
@@ -205,7 +238,7 @@ mod tests {
         let proxies = trusting(&["10.0.0.0/8"]);
         let mut headers = with_xff("203.0.113.9, 10.1.1.1");
         let host = HeaderValue::from_static("example.com");
-        proxies.set_headers(&mut headers, peer("10.0.0.2"), Some(&host), "http");
+        proxies.set_headers(&mut headers, &peer("10.0.0.2"), Some(&host), "http");
         assert_eq!(
             headers["x-forwarded-for"],
             "203.0.113.9, 10.1.1.1, 10.0.0.2"
@@ -222,19 +255,19 @@ mod tests {
         let proxies = trusting(&["10.0.0.0/8", "::1/128"]);
         let headers = with_xff("1.1.1.1, 203.0.113.9, 10.1.1.1");
         assert_eq!(
-            proxies.client_addr(&headers, peer("10.0.0.2")),
+            proxies.client_addr(&headers, &peer("10.0.0.2")),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
 
         let all_trusted = with_xff("10.3.3.3, 10.1.1.1");
         assert_eq!(
-            proxies.client_addr(&all_trusted, peer("::1")),
+            proxies.client_addr(&all_trusted, &peer("::1")),
             "10.3.3.3".parse::<IpAddr>().unwrap()
         );
 
         let garbage = with_xff("1.1.1.1, not-an-ip, 10.1.1.1");
         assert_eq!(
-            proxies.client_addr(&garbage, peer("10.0.0.2")),
+            proxies.client_addr(&garbage, &peer("10.0.0.2")),
             "10.1.1.1".parse::<IpAddr>().unwrap()
         );
     }
@@ -244,7 +277,7 @@ mod tests {
         let proxies = trusting(&["127.0.0.0/8"]);
         assert!(proxies.contains("::ffff:127.0.0.1".parse().unwrap()));
         let mut headers = HeaderMap::new();
-        proxies.set_headers(&mut headers, peer("::1"), None, "https");
+        proxies.set_headers(&mut headers, &peer("::1"), None, "https");
         assert_eq!(headers[header::FORWARDED], "for=\"[::1]\";proto=https");
     }
 }

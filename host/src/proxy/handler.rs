@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::body::{Counted, Guarded, Logged, Unsized};
+use super::forwarded::Peer;
 use super::headers::{strip_request_hop_by_hop, strip_response_hop_by_hop};
 use super::identity::{self, Identity, X_REQUEST_ID};
 use super::path::{self, PathError};
@@ -94,7 +95,7 @@ pub async fn handle(
     metrics: &Metrics,
     access_log: &AccessLog,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &Peer,
     secure: bool,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -122,7 +123,7 @@ pub async fn handle(
 fn arrive(
     snapshot: &Snapshot,
     request: &mut Request<Incoming>,
-    peer: SocketAddr,
+    peer: &Peer,
     secure: bool,
     started: Instant,
 ) -> (Identity, Arrival) {
@@ -139,7 +140,7 @@ fn arrive(
 
     let arrival = Arrival {
         started,
-        peer,
+        peer: peer.addr,
         client,
         upgrade,
     };

@@ -7,8 +7,6 @@
 //! parent id, the gateway's own span; a missing or invalid one starts a new trace and drops
 //! any `tracestate`, which belongs to the trace it came with.
 
-use std::fmt::Write;
-
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 
@@ -50,7 +48,7 @@ pub fn assign(headers: &mut HeaderMap) -> Identity {
         headers.remove(&TRACESTATE);
         TraceParent::new()
     });
-    let value = parent.with_span(&random_hex(8));
+    let value = parent.with_span(new_span_id());
     // NB: only hex digits and dashes.
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(TRACEPARENT.clone(), value);
@@ -65,21 +63,19 @@ fn is_valid_request_id(id: &[u8]) -> bool {
     (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(|b| b.is_ascii_graphic())
 }
 
+/// A random (version 4) UUID. The bytes come from the thread's random generator, seeded once
+/// by the operating system, not from a system call per request.
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::new_v4();
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = uuid::Uuid::encode_buffer();
     // NB: a hyphenated UUID is always a valid header value.
-    HeaderValue::from_str(&id.hyphenated().to_string())
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut text))
         .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-/// `bytes` random bytes as lowercase hex, never all zeros.
-fn random_hex(bytes: usize) -> String {
-    let random = uuid::Uuid::new_v4().into_bytes();
-    let mut hex = String::with_capacity(bytes * 2);
-    for byte in random.iter().rev().take(bytes) {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+/// A random span id, never zero (an invalid id in W3C trace context).
+fn new_span_id() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 // === impl TraceParent ===
@@ -87,7 +83,7 @@ fn random_hex(bytes: usize) -> String {
 impl TraceParent {
     fn new() -> Self {
         TraceParent {
-            trace_id: random_hex(16),
+            trace_id: format!("{:032x}", rand::random::<u128>().max(1)),
             flags: "00".to_string(),
         }
     }
@@ -115,8 +111,8 @@ impl TraceParent {
         })
     }
 
-    fn with_span(&self, span_id: &str) -> String {
-        format!("00-{}-{span_id}-{}", self.trace_id, self.flags)
+    fn with_span(&self, span_id: u64) -> String {
+        format!("00-{}-{span_id:016x}-{}", self.trace_id, self.flags)
     }
 }
 

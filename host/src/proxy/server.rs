@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use super::forwarded::Peer;
 use super::framing::FramingCheck;
 use crate::access_log::AccessLog;
 use crate::gateway::Gateway;
@@ -226,15 +227,17 @@ impl Session {
             secure,
         } = self;
         let metrics = gateway.metrics().clone();
+        let peer = Arc::new(Peer::new(client));
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
             let access_log = access_log.clone();
+            let peer = peer.clone();
             async move {
                 // Each request keeps the snapshot it arrived under until its response ends.
                 let snapshot = gateway.snapshot();
                 let metrics = gateway.metrics();
                 let response =
-                    super::handle(snapshot, metrics, &access_log, request, client, secure).await;
+                    super::handle(snapshot, metrics, &access_log, request, &peer, secure).await;
                 Ok::<_, Infallible>(response)
             }
         });
