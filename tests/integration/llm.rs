@@ -128,6 +128,12 @@ async fn stream_events_reach_the_client_as_the_provider_sends_them() {
     let sent = mock.journal().await.pop().expect("journaled")["body"].clone();
     assert_eq!(sent["model"], "gpt-4o-mini", "the deployment's model name");
     assert_eq!(sent["stream_options"]["include_usage"], true);
+
+    // Both streams were timed from their first token to their last.
+    let metrics = gateway.metrics().await;
+    let per_token = "gen_ai_server_time_per_output_token_seconds_count{\
+        gen_ai_provider_name=\"openai\",gen_ai_request_model=\"public\"}";
+    assert_eq!(metric(&metrics, per_token), 2.0, "{metrics}");
 }
 
 #[tokio::test]

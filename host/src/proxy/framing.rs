@@ -315,8 +315,11 @@ impl Scanner {
                 None => self.head.unreadable = true,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only one, saying `chunked` and nothing else, is followed (nginx and Envoy take no
+            // other coding either): a list, a repeat or another coding is refused.
+            self.head.unreadable |=
+                overflowed || self.head.chunked || !value.eq_ignore_ascii_case(b"chunked");
             self.head.chunked = true;
-            self.head.unreadable |= overflowed;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             // Only WebSocket upgrades are ever granted (see `upgrade`).
             self.head.websocket |=
@@ -428,6 +431,23 @@ mod tests {
             assert_eq!(offsets(read_size), whole, "reads of {read_size} bytes");
         }
         whole
+    }
+
+    #[test]
+    fn transfer_encoding_other_than_one_chunked_is_refused() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            assert!(
+                !refused_at(head).is_empty(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        let plain = b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n";
+        assert_eq!(refused_at(plain), Vec::<usize>::new());
     }
 
     #[test]

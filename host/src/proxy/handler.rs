@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
@@ -175,6 +175,7 @@ async fn serve(
     let started = arrival.started;
     if let Err((status, reason)) = check_target(&mut request, &snapshot) {
         entry.reason = Some(reason);
+        metrics.rejected("", reason);
         metrics.request("", status, started.elapsed().as_secs_f64());
         return refusal(status, reason);
     }
@@ -182,6 +183,7 @@ async fn serve(
     let host = host.as_ref().and_then(|h| h.to_str().ok());
     let Some(route) = snapshot.router.find(host, request.uri().path()) else {
         entry.reason = Some("no_route");
+        metrics.rejected("", "no_route");
         let response = error_response(StatusCode::NOT_FOUND, "no_route");
         metrics.request("", response.status(), started.elapsed().as_secs_f64());
         return response;
@@ -287,6 +289,13 @@ async fn proxy(
     let upgraded = arrival
         .upgrade
         .and_then(|upgrade| upgrade.accept(&mut response, arrival.peer));
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS && upgraded.is_none() {
+        // A switch nobody asked for: the client could make nothing of what would follow.
+        return Err(Rejection::Upstream(UpstreamError::Response {
+            target: lease.target().clone(),
+            cause: "101 Switching Protocols to a request that asked for no upgrade".into(),
+        }));
+    }
 
     let policies = Instant::now();
     let mut response = response_phase(route, &head, response).await;
@@ -490,11 +499,13 @@ impl Rejection {
     }
 }
 
-/// Refuses a request target over `max_uri_bytes`, then normalises the path.
+/// Refuses a request target over `max_uri_bytes` or a request whose host cannot be told,
+/// then normalises the path.
 fn check_target(
     request: &mut Request<Incoming>,
     snapshot: &Snapshot,
 ) -> Result<(), (StatusCode, &'static str)> {
+    check_host(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
     let max_uri_bytes = snapshot.max_uri_bytes;
     let uri = request.uri();
     let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
@@ -509,6 +520,62 @@ fn check_target(
     }
     normalize_path(request, snapshot.encoded_slash)
         .map_err(|reason| (StatusCode::BAD_REQUEST, reason))
+}
+
+/// Refuses, as RFC 9112 and RFC 9113 ask, an HTTP/1.1 request without `Host`, any request with
+/// two `Host` lines or one that is not a host name with an optional port, and an HTTP/2
+/// request whose `host` differs from its `:authority`. The authority of an absolute-form
+/// target wins over `Host` and replaces it, so routes, policies and the upstream all see the
+/// host the request was addressed to.
+fn check_host(request: &mut Request<Incoming>) -> Result<(), &'static str> {
+    let mut lines = request.headers().get_all(header::HOST).iter();
+    let host = lines.next();
+    if lines.next().is_some() || host.is_some_and(|host| !is_host(host.as_bytes())) {
+        return Err("invalid_host");
+    }
+    let authority = request.uri().authority();
+    match (authority, host) {
+        (Some(authority), Some(host))
+            if request.version() == Version::HTTP_2
+                && !(authority.as_str().as_bytes()).eq_ignore_ascii_case(host.as_bytes()) =>
+        {
+            return Err("invalid_host");
+        }
+        (Some(authority), _) if request.version() != Version::HTTP_2 => {
+            if !is_host(authority.as_str().as_bytes()) {
+                return Err("invalid_host");
+            }
+            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid_host")?;
+            request.headers_mut().insert(header::HOST, host);
+        }
+        (None, None) if request.version() == Version::HTTP_11 => return Err("missing_host"),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A host name (letters, digits, `-`, `.`, `_`, no empty label) or an IP address, IPv6 in
+/// brackets, with an optional port.
+fn is_host(text: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return false;
+    };
+    let (name, port) = match text.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name, Some(port)),
+        _ => (text, None),
+    };
+    if port.is_some_and(|port| port.parse::<u16>().is_err()) {
+        return false;
+    }
+    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return literal.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !name.is_empty()
+        && !name.contains("..")
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 /// Normalises the request's path (see `path`), so that routes, policies and the upstream all
@@ -551,11 +618,11 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// An error for a request refused before routing. After a malformed or oversized request
-/// the connection is closed: what follows it on the connection cannot be trusted either.
+/// An error for a request refused before routing. After an oversized request or one whose
+/// host cannot be told the connection is closed: what follows it cannot be trusted either.
 fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
     let mut response = error_response(status, reason);
-    if status == StatusCode::URI_TOO_LONG {
+    if status == StatusCode::URI_TOO_LONG || reason.ends_with("_host") {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -575,13 +642,12 @@ pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     response
 }
 
+/// The host the request was addressed to: the target's authority (absolute-form, HTTP/2's
+/// `:authority`), else `Host`.
 fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
-    match request.headers().get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => request.headers().get(header::HOST).cloned(),
     }
 }
 

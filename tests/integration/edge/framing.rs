@@ -126,6 +126,63 @@ async fn a_space_before_the_colon_or_a_folded_header_is_refused() {
 }
 
 #[tokio::test]
+async fn a_missing_repeated_or_malformed_host_is_refused_and_the_targets_authority_wins() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    for raw in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: good.example\r\nHost: bad.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a, for=6.6.6.6\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+    ] {
+        let (status, closed) = refused(&gateway, raw).await;
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(raw));
+        assert!(closed, "{}", String::from_utf8_lossy(raw));
+    }
+    assert!(upstream.received().is_empty());
+    let metrics = gateway.metrics().await;
+    for (reason, count) in [("missing_host", 1.0), ("invalid_host", 7.0)] {
+        let series = format!("sluice_requests_rejected_total{{reason=\"{reason}\",route=\"\"}}");
+        assert_eq!(sluice_tests::metric(&metrics, &series), count, "{metrics}");
+    }
+
+    // HTTP/1.0 needs no Host; a name with a port, an address and an IPv6 literal are hosts.
+    for raw in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: Api.Example.com:8080\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+    ] {
+        let mut connection = RawConnection::open(gateway.addr).await;
+        connection.write(raw).await;
+        let response = connection.response(false).await.expect("a response");
+        assert_eq!(response.status(), 200, "{}", String::from_utf8_lossy(raw));
+    }
+
+    // An absolute-form target names the host; Host is replaced by it.
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(b"GET http://good.example/x HTTP/1.1\r\nHost: bad.example\r\n\r\n")
+        .await;
+    assert_eq!(
+        connection
+            .response(false)
+            .await
+            .expect("a response")
+            .status(),
+        200
+    );
+    let seen = upstream.last().headers;
+    assert_eq!(seen["host"], "good.example");
+    assert_eq!(seen["x-forwarded-host"], "good.example");
+}
+
+#[tokio::test]
 async fn oversized_headers_get_431_and_long_targets_414() {
     let upstream = TestUpstream::start().await;
     let listener = "max_header_bytes = 8192\nmax_uri_bytes = 1024";

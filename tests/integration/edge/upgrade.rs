@@ -62,6 +62,23 @@ async fn read_head(stream: &mut TcpStream) -> String {
 }
 
 #[tokio::test]
+async fn a_switch_of_protocols_nobody_asked_for_is_a_502() {
+    let (upstream_addr, _) = websocket_upstream().await;
+    let upstream = TestUpstream::external(upstream_addr);
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let response = connection.response(false).await.expect("a response");
+    assert_eq!(response.status(), 502, "{}", response.head);
+    let metrics = gateway.metrics().await;
+    let series = r#"sluice_requests_rejected_total{reason="upstream_bad_response",route="plain"}"#;
+    assert_eq!(sluice_tests::metric(&metrics, series), 1.0, "{metrics}");
+}
+
+#[tokio::test]
 async fn a_websocket_is_tunnelled_after_the_upstreams_101() {
     let (upstream_addr, before_switch) = websocket_upstream().await;
     let upstream = TestUpstream::external(upstream_addr);
