@@ -45,13 +45,25 @@ async fn respond(
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
-        (&Method::POST, "/reload") if reload.is_some() => reloaded(reload, gateway).await,
+        (&Method::POST, "/reload") => reloaded(reload, gateway).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             gateway.metrics().render(),
         ),
+        (_, path) if ["/reload", "/healthz", "/metrics"].contains(&path) => {
+            let allowed = if path == "/reload" { "POST" } else { "GET" };
+            let mut response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                format!("use {allowed}\n"),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
+            response
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",

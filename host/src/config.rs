@@ -271,6 +271,13 @@ impl Config {
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         self.listener.check(&mut problems);
+        // NB: port 0 asks the system for a free port, a different one for each.
+        if self.admin.address == self.listener.address && self.admin.address.port() != 0 {
+            problems.push(format!(
+                "admin.address {} is also the listener's: give each its own port",
+                self.admin.address
+            ));
+        }
         if self.access_log.buffer_lines == 0 {
             problems.push("access_log: buffer_lines must be at least 1".to_string());
         }
@@ -595,6 +602,15 @@ mod tests {
             let message = parsed.expect_err("needs the feature").to_string();
             assert!(message.contains("exact-tokens"), "{message}");
         }
+    }
+
+    #[test]
+    fn the_admin_listener_needs_its_own_address() {
+        let text = format!(
+            "[listener]\naddress = \"127.0.0.1:8080\"\n[admin]\naddress = \"127.0.0.1:8080\"\n{MINIMAL}"
+        );
+        let message = Config::parse(&text).expect_err("same address").to_string();
+        assert!(message.contains("admin.address"), "{message}");
     }
 
     #[test]

@@ -178,6 +178,9 @@ async fn metrics_count_requests_by_route_and_status() {
             .status,
         StatusCode::OK
     );
+    let wrong_method = get(&format!("http://{}/reload", gateway.admin)).await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
 }
 
 #[tokio::test]
@@ -237,6 +240,21 @@ fn paths(upstream: &TestUpstream) -> Vec<String> {
         .into_iter()
         .map(|r| r.path_and_query)
         .collect()
+}
+
+#[tokio::test]
+async fn broken_escapes_in_the_path_get_400() {
+    let upstream = TestUpstream::start().await;
+    let route = "[[routes]]\nname = \"all\"\nupstream = \"app\"\n";
+    let gateway = TestGateway::start(&upstream, route).await;
+    for path in ["/public/%", "/public/x%2", "/public/%zz", "/public/x%00y"] {
+        let line = status_line(&gateway, path).await;
+        assert!(line.starts_with("HTTP/1.1 400"), "{path}: {line}");
+    }
+    assert!(upstream.received().is_empty());
+    let metrics = gateway.metrics().await;
+    let series = r#"sluice_requests_rejected_total{reason="invalid_path",route=""}"#;
+    assert_eq!(sluice_tests::metric(&metrics, series), 4.0, "{metrics}");
 }
 
 #[tokio::test]

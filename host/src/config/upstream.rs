@@ -249,7 +249,7 @@ impl Upstream {
             let address = target.address();
             if address
                 .parse::<http::uri::Authority>()
-                .map_or(true, |a| a.port().is_none())
+                .map_or(true, |a| a.port_u16().is_none_or(|port| port == 0))
             {
                 problem(format!("target `{address}` is not `host:port`"));
             }
@@ -542,6 +542,14 @@ mod tests {
         let err = upstream("targets = [\"127.0.0.1:1\"]\nload_balancing = \"consistent_hash\"")
             .expect_err("needs hash_on");
         assert!(err.to_string().contains("hash_on"), "{err}");
+    }
+
+    #[test]
+    fn a_target_needs_a_port_other_than_zero() {
+        for address in ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999"] {
+            let err = upstream(&format!("targets = [\"{address}\"]")).expect_err(address);
+            assert!(err.to_string().contains("is not `host:port`"), "{err}");
+        }
     }
 
     #[test]

@@ -61,6 +61,8 @@ enum Rejection {
     QueueFull,
     QueueTimeout,
     RequestTimeout,
+    /// The route's time ran out while the client was still sending its body.
+    ClientBodyTimeout,
     BodyTooLarge,
     Upstream(UpstreamError),
     /// An LLM request over its consumer's or its providers' budget; retry after this long.
@@ -200,6 +202,7 @@ async fn serve(
         Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics, entry),
         Ok(route_slot) => {
             let max_body_bytes = snapshot.max_body_bytes;
+            let declared = declared_length(request.headers());
             let proxied = proxy(route, metrics, request, arrival, max_body_bytes, entry);
             match tokio::time::timeout(route.request_timeout, proxied).await {
                 Ok(Ok((response, upstream_slot))) => {
@@ -211,7 +214,14 @@ async fn serve(
                     response.map(|body| Guarded::new(body, held).boxed())
                 }
                 Ok(Err(rejection)) => rejection.respond(route, metrics, entry),
-                Err(_) => Rejection::RequestTimeout.respond(route, metrics, entry),
+                Err(_) => {
+                    let received = entry.body_in.load(std::sync::atomic::Ordering::Relaxed);
+                    let rejection = match declared {
+                        Some(length) if received < length => Rejection::ClientBodyTimeout,
+                        _ => Rejection::RequestTimeout,
+                    };
+                    rejection.respond(route, metrics, entry)
+                }
             }
         }
     };
@@ -453,6 +463,12 @@ impl Rejection {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come; nothing after it can be read as a request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Every 503 the gateway makes is about load that passes: ask clients to come back.
             response
@@ -468,6 +484,7 @@ impl Rejection {
             Rejection::QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Rejection::QueueTimeout => (StatusCode::SERVICE_UNAVAILABLE, "queue_timeout"),
             Rejection::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            Rejection::ClientBodyTimeout => (StatusCode::REQUEST_TIMEOUT, "client_body_timeout"),
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Rejection::TokenBudget(reason, _) => (StatusCode::TOO_MANY_REQUESTS, reason),
             Rejection::OverBudget => (StatusCode::PAYLOAD_TOO_LARGE, "token_estimate_over_budget"),
@@ -591,6 +608,10 @@ fn normalize_path(
         Err(PathError::EncodedSlash) => {
             tracing::debug!(path = uri.path(), "refused a path with an encoded slash");
             return Err("encoded_slash");
+        }
+        Err(PathError::BadEscape) => {
+            tracing::debug!(path = uri.path(), "refused a path with a broken escape");
+            return Err("invalid_path");
         }
     };
     let path_and_query = match uri.query() {
