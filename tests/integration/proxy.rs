@@ -94,6 +94,15 @@ async fn http2_clients_are_served_over_h2c() {
     let seen = upstream.last();
     assert_eq!(seen.path_and_query, "/over-h2");
     assert_eq!(seen.headers["host"], gateway.addr.to_string());
+
+    // A `host` that names another host than `:authority` is malformed (RFC 9113, 8.3.1).
+    let request = Request::get(gateway.url("/other-host"))
+        .header("host", "other.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.expect("h2c response");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(upstream.received().len(), 1, "nothing more was forwarded");
 }
 
 #[tokio::test]
