@@ -42,6 +42,13 @@ enum Outcome {
     Answer(Response<Body>),
 }
 
+/// What one policy's request phase did.
+enum Step {
+    Unchanged,
+    Changed,
+    Answer(Response<Body>),
+}
+
 /// Names the plugin whose failure the gateway answered for.
 const PLUGIN_HEADER: &str = "x-sluice-plugin";
 
@@ -335,14 +342,19 @@ async fn request_phase(route: &Route, mut parts: Parts, client: IpAddr) -> Outco
             .on_request(&head)
             .await
             .and_then(|decision| match decision {
+                RequestDecision::Continue(changes) if changes_nothing(&changes) => {
+                    Ok(Step::Unchanged)
+                }
                 RequestDecision::Continue(changes) => apply_request_changes(&mut parts, changes)
-                    .map(|()| None)
+                    .map(|()| Step::Changed)
                     .map_err(PluginFailure::from),
-                RequestDecision::Respond(reply) => Ok(Some(direct_response(reply)?)),
+                RequestDecision::Respond(reply) => Ok(Step::Answer(direct_response(reply)?)),
             });
         match decision {
-            Ok(None) => head = request_head(&parts, &route.name, client),
-            Ok(Some(reply)) => return Outcome::Answer(reply),
+            Ok(Step::Unchanged) => {}
+            // The next policy sees the request as this one left it.
+            Ok(Step::Changed) => head = request_head(&parts, &route.name, client),
+            Ok(Step::Answer(reply)) => return Outcome::Answer(reply),
             Err(failure) => {
                 if let Some(response) = plugin_failed(plugin, failure) {
                     return Outcome::Answer(response);
@@ -403,6 +415,14 @@ fn declare_grpc_trailers(headers: &mut HeaderMap) {
         );
         headers.remove(header::CONTENT_LENGTH);
     }
+}
+
+fn changes_nothing(changes: &crate::plugin::RequestChanges) -> bool {
+    let headers = &changes.headers;
+    changes.path_and_query.is_none()
+        && headers.remove.is_empty()
+        && headers.set.is_empty()
+        && headers.add.is_empty()
 }
 
 fn apply_request_changes(
