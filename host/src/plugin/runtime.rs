@@ -88,7 +88,13 @@ impl Runtime {
         let pre = tokio::task::spawn_blocking(move || runtime.prepare(&bytes))
             .await
             .map_err(|err| format!("compiling stopped: {err}"))?
-            .map_err(|err| format!("{err:#}"))?;
+            // Some parser errors spread byte lists over several lines: keep log lines whole.
+            .map_err(|err| {
+                format!("{err:#}")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })?;
         metrics.plugin_compiled(started.elapsed().as_secs_f64());
         self.lock_compiled().insert(digest, pre.clone());
         Ok(Compiled { digest, pre })
