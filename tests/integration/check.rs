@@ -67,7 +67,9 @@ async fn a_corrupt_wasm_file_is_refused() {
 
     // Not even a WebAssembly header: the parser's byte lists stay on one line.
     let mut file = tempfile();
-    file.1.write_all(&[0x10, 0xd5, 0xde, 0xb2, 1, 0, 0, 0]).unwrap();
+    file.1
+        .write_all(&[0x10, 0xd5, 0xde, 0xb2, 1, 0, 0, 0])
+        .unwrap();
     let err = check(&plugin_at(&file.0, "{}")).await.unwrap_err();
     assert!(err.contains("magic") && !err.contains('\n'), "{err}");
 }

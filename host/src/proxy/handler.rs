@@ -380,21 +380,28 @@ async fn response_phase(
         body = Unsized(body).boxed();
     }
 
+    let mut head = None;
     for plugin in route.policies.iter().rev() {
-        let head = ResponseHead {
+        let seen = head.get_or_insert_with(|| ResponseHead {
             status: parts.status.as_u16(),
             headers: wit_headers(&parts.headers),
-        };
-        let changed = plugin
-            .on_response(request, &head)
-            .await
-            .and_then(|changes| {
-                apply_header_changes(&mut parts.headers, changes).map_err(PluginFailure::from)
-            });
-        if let Err(failure) = changed
-            && let Some(response) = plugin_failed(plugin, failure)
-        {
-            return response;
+        });
+        let changed = plugin.on_response(request, seen).await.and_then(|changes| {
+            if header_changes_nothing(&changes) {
+                return Ok(false);
+            }
+            let applied = apply_header_changes(&mut parts.headers, changes);
+            applied.map(|()| true).map_err(PluginFailure::from)
+        });
+        match changed {
+            Ok(false) => {}
+            // The next policy sees the response as this one left it.
+            Ok(true) => head = None,
+            Err(failure) => {
+                if let Some(response) = plugin_failed(plugin, failure) {
+                    return response;
+                }
+            }
         }
     }
     Response::from_parts(parts, body)
@@ -418,11 +425,11 @@ fn declare_grpc_trailers(headers: &mut HeaderMap) {
 }
 
 fn changes_nothing(changes: &crate::plugin::RequestChanges) -> bool {
-    let headers = &changes.headers;
-    changes.path_and_query.is_none()
-        && headers.remove.is_empty()
-        && headers.set.is_empty()
-        && headers.add.is_empty()
+    changes.path_and_query.is_none() && header_changes_nothing(&changes.headers)
+}
+
+fn header_changes_nothing(changes: &crate::plugin::HeaderChanges) -> bool {
+    changes.remove.is_empty() && changes.set.is_empty() && changes.add.is_empty()
 }
 
 fn apply_request_changes(
