@@ -6,6 +6,7 @@ mod forwarded;
 mod framing;
 mod handler;
 mod headers;
+mod host;
 mod identity;
 mod path;
 mod router;

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::body::{Counted, Guarded, Logged, Unsized};
 use super::forwarded::Peer;
 use super::headers::{strip_request_hop_by_hop, strip_response_hop_by_hop};
+use super::host;
 use super::identity::{self, Identity, X_REQUEST_ID};
 use super::path::{self, PathError};
 use super::upgrade::{self, Upgrade};
@@ -549,7 +550,7 @@ fn check_target(
     request: &mut Request<Incoming>,
     snapshot: &Snapshot,
 ) -> Result<(), (StatusCode, &'static str)> {
-    check_host(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
+    host::check(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
     let max_uri_bytes = snapshot.max_uri_bytes;
     let uri = request.uri();
     let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
@@ -564,62 +565,6 @@ fn check_target(
     }
     normalize_path(request, snapshot.encoded_slash)
         .map_err(|reason| (StatusCode::BAD_REQUEST, reason))
-}
-
-/// Refuses, as RFC 9112 and RFC 9113 ask, an HTTP/1.1 request without `Host`, any request with
-/// two `Host` lines or one that is not a host name with an optional port, and an HTTP/2
-/// request whose `host` differs from its `:authority`. The authority of an absolute-form
-/// target wins over `Host` and replaces it, so routes, policies and the upstream all see the
-/// host the request was addressed to.
-fn check_host(request: &mut Request<Incoming>) -> Result<(), &'static str> {
-    let mut lines = request.headers().get_all(header::HOST).iter();
-    let host = lines.next();
-    if lines.next().is_some() || host.is_some_and(|host| !is_host(host.as_bytes())) {
-        return Err("invalid_host");
-    }
-    let authority = request.uri().authority();
-    match (authority, host) {
-        (Some(authority), Some(host))
-            if request.version() == Version::HTTP_2
-                && !(authority.as_str().as_bytes()).eq_ignore_ascii_case(host.as_bytes()) =>
-        {
-            return Err("invalid_host");
-        }
-        (Some(authority), _) if request.version() != Version::HTTP_2 => {
-            if !is_host(authority.as_str().as_bytes()) {
-                return Err("invalid_host");
-            }
-            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid_host")?;
-            request.headers_mut().insert(header::HOST, host);
-        }
-        (None, None) if request.version() == Version::HTTP_11 => return Err("missing_host"),
-        _ => {}
-    }
-    Ok(())
-}
-
-/// A host name (letters, digits, `-`, `.`, `_`, no empty label) or an IP address, IPv6 in
-/// brackets, with an optional port.
-fn is_host(text: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(text) else {
-        return false;
-    };
-    let (name, port) = match text.rsplit_once(':') {
-        Some((name, port)) if !port.contains(']') => (name, Some(port)),
-        _ => (text, None),
-    };
-    if port.is_some_and(|port| port.parse::<u16>().is_err()) {
-        return false;
-    }
-    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        return literal.parse::<std::net::Ipv6Addr>().is_ok();
-    }
-    !name.is_empty()
-        && !name.contains("..")
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 /// Normalises the request's path (see `path`), so that routes, policies and the upstream all
