@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntCounter;
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config;
 use crate::metrics::Metrics;
+use crate::proxy::Progress;
 
 /// Where finished lines go; cheap to clone. A disabled log accepts lines and drops them
 /// without counting.
@@ -64,9 +65,9 @@ pub struct Entry {
     /// Why the gateway answered itself or cut the request short.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
-    /// Request body bytes read so far, counted as they stream upstream.
+    /// How much of the request body has been read, counted as it streams upstream.
     #[serde(skip)]
-    pub body_in: Arc<AtomicU64>,
+    pub body_in: Arc<Progress>,
 }
 
 fn serialize_authority<S: serde::Serializer>(
@@ -278,7 +279,7 @@ impl Pending {
     /// Writes the line, once the response has ended or been dropped.
     pub fn finish(mut self, bytes_out: u64) {
         self.entry.bytes_out = bytes_out;
-        self.entry.bytes_in = self.entry.body_in.load(Ordering::Relaxed);
+        self.entry.bytes_in = self.entry.body_in.bytes.load(Ordering::Relaxed);
         self.entry.duration_ms = millis(self.started.elapsed());
         self.log.write(&self.entry);
     }

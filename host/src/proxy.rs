@@ -17,7 +17,7 @@ mod upgrade;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 
-pub use body::Counted;
+pub use body::{Counted, Progress};
 pub use forwarded::TrustedProxies;
 pub use handler::handle;
 pub use router::{Route, Router};

@@ -312,17 +312,21 @@ async fn a_client_that_stops_sending_its_body_gets_408_not_504() {
     let fragment = "[[routes]]\nname = \"r\"\nupstream = \"app\"\nrequest_timeout_ms = 300\n";
     let gateway = TestGateway::start(&upstream, fragment).await;
 
-    let raw = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nfirst";
-    let response = send_raw(gateway.addr, raw, Duration::from_secs(5)).await;
-    let response = String::from_utf8_lossy(&response);
-    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
-    assert!(response.contains("client_body_timeout"), "{response}");
+    for raw in [
+        &b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nfirst"[..],
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    ] {
+        let response = send_raw(gateway.addr, raw, Duration::from_secs(5)).await;
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+        assert!(response.contains("client_body_timeout"), "{response}");
+    }
     let metrics = gateway.metrics().await;
     assert_eq!(
         metric(
             &metrics,
             r#"sluice_requests_rejected_total{reason="client_body_timeout",route="r"}"#
         ),
-        Some(1.0)
+        Some(2.0)
     );
 }

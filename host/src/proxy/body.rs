@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -53,16 +53,26 @@ impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
     }
 }
 
-/// Counts the data bytes of a body as they pass, into a counter others can read.
+/// How far a body has come: the data bytes passed so far, and whether it has ended.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub ended: AtomicBool,
+}
+
+/// Counts the data bytes of a body as they pass, and notes its end, where others can read.
 #[derive(Debug)]
 pub struct Counted<B> {
     inner: B,
-    count: Arc<AtomicU64>,
+    progress: Arc<Progress>,
 }
 
-impl<B> Counted<B> {
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
-        Counted { inner, count }
+impl<B: Body> Counted<B> {
+    pub fn new(inner: B, progress: Arc<Progress>) -> Self {
+        if inner.is_end_stream() {
+            progress.ended.store(true, Ordering::Relaxed);
+        }
+        Counted { inner, progress }
     }
 }
 
@@ -78,11 +88,18 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count
-                .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let length = data.remaining() as u64;
+                    self.progress.bytes.fetch_add(length, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.progress.ended.store(true, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.progress.ended.store(true, Ordering::Relaxed),
+            _ => {}
         }
         polled
     }

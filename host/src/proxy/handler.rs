@@ -210,7 +210,6 @@ async fn serve(
         Err(Refused::QueueTimeout) => Rejection::QueueTimeout.respond(route, metrics, entry),
         Ok(route_slot) => {
             let max_body_bytes = snapshot.max_body_bytes;
-            let declared = declared_length(request.headers());
             let proxied = proxy(route, metrics, request, arrival, max_body_bytes, entry);
             match tokio::time::timeout(route.request_timeout, proxied).await {
                 Ok(Ok((response, upstream_slot))) => {
@@ -223,10 +222,13 @@ async fn serve(
                 }
                 Ok(Err(rejection)) => rejection.respond(route, metrics, entry),
                 Err(_) => {
-                    let received = entry.body_in.load(std::sync::atomic::Ordering::Relaxed);
-                    let rejection = match declared {
-                        Some(length) if received < length => Rejection::ClientBodyTimeout,
-                        _ => Rejection::RequestTimeout,
+                    let ended = entry
+                        .body_in
+                        .ended
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    let rejection = match ended {
+                        false => Rejection::ClientBodyTimeout,
+                        true => Rejection::RequestTimeout,
                     };
                     rejection.respond(route, metrics, entry)
                 }
@@ -256,6 +258,8 @@ async fn proxy(
     }
     let host = request_host(&request);
     let (mut parts, body) = request.into_parts();
+    // Counted from the start, so a timeout can tell whether the client was still sending.
+    let body = Counted::new(body, entry.body_in.clone());
     if let Some(host) = &host {
         // HTTP/2 clients send `:authority` instead; the upstream speaks HTTP/1.1 and needs Host.
         parts.headers.insert(header::HOST, host.clone());
@@ -282,7 +286,6 @@ async fn proxy(
         upgrade.restore_request_headers(&mut parts.headers);
     }
 
-    let body = Counted::new(body, entry.body_in.clone());
     let sent = Instant::now();
     let (mut response, lease) = match &route.llm {
         Some(llm) if llm.applies(&parts) => {
