@@ -267,8 +267,9 @@ async fn an_adaptive_limit_falls_when_the_upstream_queues_and_the_excess_is_shed
         let reply = get_with(&client, &gateway.url("/")).await;
         assert_eq!(reply.status, StatusCode::OK);
     }
-    // Forty clients at once for two seconds: unlimited, each would wait behind 39 others.
-    let until = Instant::now() + Duration::from_secs(2);
+    // Forty clients at once for twelve seconds, past the limiter's first probe of the
+    // upstream's own latency: unlimited, each would wait behind 39 others.
+    let until = Instant::now() + Duration::from_secs(12);
     let clients: Vec<_> = (0..40)
         .map(|_| {
             let (client, url) = (client.clone(), gateway.url("/"));
@@ -289,7 +290,7 @@ async fn an_adaptive_limit_falls_when_the_upstream_queues_and_the_excess_is_shed
             })
         })
         .collect();
-    // Once the limit has settled, the upstream's own queue stays short.
+    // Once the limit has settled, the upstream's own queue stays short, and stays so.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut queued = 0;
     while Instant::now() < until {

@@ -1,13 +1,20 @@
 //! An upstream's concurrency limit that follows its latency.
 //!
 //! An upstream that gets more requests than it can work on at once queues them, and its
-//! answers slow down by the time they wait. The limiter watches for that: it keeps a
-//! long-run average of the time to the response head, and compares every new answer with it.
-//! An answer within `tolerance` times the average is no sign of queueing, and the limit
-//! grows by a fraction of its square root (room for a short queue); a slower answer shrinks
-//! the limit in proportion to the slowdown, by at most half. Changes are smoothed over
-//! several answers. While the upstream gets less than half its limit, answers say nothing
-//! about the limit and leave it alone.
+//! answers slow down by the time they wait. The limiter watches for that. It knows the
+//! upstream's latency without a queue, its baseline, and compares every answer with it: an
+//! answer within `tolerance` times the baseline is no sign of queueing, and the limit grows by
+//! a fraction of its square root (room for a short queue); a slower answer shrinks the limit
+//! in proportion to the slowdown, by at most half. Changes are smoothed over several answers.
+//! While the upstream gets less than half its limit, answers say nothing about the limit and
+//! leave it alone.
+//!
+//! The baseline is measured, not inferred: the fastest of the first answers, then every ten
+//! seconds a probe (as Envoy's adaptive concurrency filter does): for a moment the limit drops
+//! to `min_limit`, the requests in flight drain, and the fastest of the next answers is the new
+//! baseline. Requests over the limit meanwhile are refused like any others. An average of
+//! recent answers would not do: under a queue that lasts it catches up with the queued latency,
+//! after which the limit grows back into the queue.
 //!
 //! Requests over the limit are refused at once like those over the bulkhead, so a slowing
 //! upstream sheds load at the gateway with a clear answer rather than holding requests in
@@ -15,17 +22,24 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
 
 use crate::config;
 
-/// Answers averaged plainly before the long-run average starts to move as a running one.
+/// Answers whose fastest is the first baseline, before the limit starts to move.
 const WARMUP: u32 = 10;
 
-/// The number of answers the long-run average spans, roughly.
-const WINDOW: f64 = 500.0;
+/// How long a baseline holds before a probe measures it again.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// Answers a probe takes in, once the requests in flight are down to the probe's limit.
+const PROBE_ANSWERS: u32 = 5;
+
+/// A probe that has not drained the upstream by then is given up (long streams, say): the
+/// baseline stays and the limit comes back.
+const PROBE_AT_MOST: Duration = Duration::from_secs(1);
 
 /// The share of each new estimate taken into the limit.
 const SMOOTHING: f64 = 0.2;
@@ -34,7 +48,8 @@ const SMOOTHING: f64 = 0.2;
 pub struct AdaptiveLimit {
     settings: config::AdaptiveConcurrency,
     max_limit: u32,
-    /// The limit requests are admitted against, the estimate rounded down.
+    /// The limit requests are admitted against: the estimate rounded down, or `min_limit`
+    /// during a probe.
     limit: AtomicU32,
     in_flight: AtomicU32,
     estimate: Mutex<Estimate>,
@@ -44,9 +59,13 @@ pub struct AdaptiveLimit {
 #[derive(Debug)]
 struct Estimate {
     limit: f64,
-    /// The long-run average time to the response head, in seconds.
-    usual: f64,
-    samples: u32,
+    answers: u32,
+    /// The upstream's latency without a queue, in seconds.
+    baseline: f64,
+    /// When the baseline is to be measured again.
+    next_probe: Instant,
+    /// During a probe: when it started, the answers taken in and the fastest of them.
+    probe: Option<(Instant, u32, f64)>,
 }
 
 /// One request counted against the limit until dropped.
@@ -70,8 +89,10 @@ impl AdaptiveLimit {
             in_flight: AtomicU32::new(0),
             estimate: Mutex::new(Estimate {
                 limit: f64::from(settings.initial_limit),
-                usual: 0.0,
-                samples: 0,
+                answers: 0,
+                baseline: f64::INFINITY,
+                next_probe: Instant::now() + PROBE_EVERY,
+                probe: None,
             }),
             gauge,
         }
@@ -83,47 +104,90 @@ impl AdaptiveLimit {
 
     /// Counts one more request in flight if that stays within the limit.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Ticket> {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit()).then_some(n + 1)
-            })
-            .ok()?;
-        Some(Ticket(self.clone()))
+        let enter = || {
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.limit()).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if enter() || (self.end_overdue_probe(Instant::now()) && enter()) {
+            return Some(Ticket(self.clone()));
+        }
+        None
+    }
+
+    /// Gives up a probe that has run too long; whether there was one.
+    fn end_overdue_probe(&self, now: Instant) -> bool {
+        let mut estimate = self.estimate.lock().unwrap_or_else(|e| e.into_inner());
+        match estimate.probe {
+            Some((started, ..)) if now.saturating_duration_since(started) > PROBE_AT_MOST => {
+                estimate.probe = None;
+                estimate.next_probe = now + PROBE_EVERY;
+                self.admit(estimate.limit);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Takes in how long an answer took to arrive (or how long a try waited before it was
     /// given up).
     pub fn sample(&self, latency: Duration) {
+        self.sample_at(latency, Instant::now());
+    }
+
+    fn sample_at(&self, latency: Duration, now: Instant) {
         let latency = latency.as_secs_f64().max(1e-6);
-        let in_flight = f64::from(self.in_flight.load(Ordering::Relaxed));
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
         let mut estimate = self.estimate.lock().unwrap_or_else(|e| e.into_inner());
         let estimate = &mut *estimate;
+        estimate.answers = estimate.answers.saturating_add(1);
 
-        estimate.samples = estimate.samples.saturating_add(1);
-        let weight = if estimate.samples <= WARMUP {
-            f64::from(estimate.samples)
-        } else {
-            WINDOW
-        };
-        estimate.usual += (latency - estimate.usual) / weight;
-        // An average far above the present answers still carries an old queue: let it fall
-        // faster than the window alone would.
-        if estimate.usual > 2.0 * latency {
-            estimate.usual *= 0.95;
+        if let Some((started, answers, fastest)) = &mut estimate.probe {
+            // Only answers from the drained upstream tell its latency without a queue.
+            if in_flight <= self.settings.min_limit {
+                *answers += 1;
+                *fastest = fastest.min(latency);
+            }
+            let overdue = now.saturating_duration_since(*started) > PROBE_AT_MOST;
+            if *answers >= PROBE_ANSWERS || overdue {
+                if !overdue {
+                    estimate.baseline = *fastest;
+                }
+                estimate.probe = None;
+                estimate.next_probe = now + PROBE_EVERY;
+                self.admit(estimate.limit);
+            }
+            return;
         }
-        if estimate.samples < WARMUP || in_flight < estimate.limit / 2.0 {
+        if estimate.answers <= WARMUP {
+            estimate.baseline = estimate.baseline.min(latency);
+            return;
+        }
+        if now >= estimate.next_probe {
+            estimate.probe = Some((now, 0, f64::INFINITY));
+            self.admit(f64::from(self.settings.min_limit));
+            return;
+        }
+        if f64::from(in_flight) < estimate.limit / 2.0 {
             return;
         }
 
-        let gradient = (self.settings.tolerance * estimate.usual / latency).clamp(0.5, 1.0);
+        let gradient = (self.settings.tolerance * estimate.baseline / latency).clamp(0.5, 1.0);
         let target = estimate.limit * gradient + estimate.limit.sqrt();
         let limit = estimate.limit * (1.0 - SMOOTHING) + target * SMOOTHING;
         estimate.limit = limit.clamp(
             f64::from(self.settings.min_limit),
             f64::from(self.max_limit),
         );
-        // NB: the clamp keeps the estimate within u32, so the cast cannot saturate.
-        let admitted = estimate.limit as u32;
+        self.admit(estimate.limit);
+    }
+
+    /// Admits requests against `limit` from now on.
+    fn admit(&self, limit: f64) {
+        // NB: every limit is clamped to u32 bounds, so the cast cannot saturate.
+        let admitted = limit as u32;
         self.limit.store(admitted, Ordering::Relaxed);
         self.gauge.set(i64::from(admitted));
     }
@@ -183,6 +247,76 @@ mod tests {
 
         feed(&limiter, fallen, 30, fast);
         assert!(limiter.limit() > fallen, "fast answers let it grow again");
+    }
+
+    #[test]
+    fn a_lasting_queue_keeps_the_limit_down() {
+        let limiter = limiter(40);
+        feed(&limiter, 1, 20, Duration::from_millis(10));
+        // Far more answers than an average over recent ones would need to catch up.
+        feed(&limiter, 40, 2000, Duration::from_millis(200));
+        assert!(
+            limiter.limit() < 10,
+            "the limit grew back to {}",
+            limiter.limit()
+        );
+    }
+
+    #[test]
+    fn a_probe_measures_the_baseline_again_with_the_upstream_drained() {
+        let limiter = limiter(10);
+        let start = Instant::now();
+        let held: Vec<_> = (0..10).filter_map(|_| limiter.try_acquire()).collect();
+        for _ in 0..20 {
+            limiter.sample_at(Duration::from_millis(10), start);
+        }
+        let before = limiter.limit();
+
+        // Time for a probe: the limit drops to min_limit until the upstream has drained.
+        let later = start + PROBE_EVERY;
+        limiter.sample_at(Duration::from_millis(50), later);
+        assert_eq!(limiter.limit(), 1);
+        for _ in 0..20 {
+            limiter.sample_at(Duration::from_millis(50), later);
+        }
+        assert_eq!(
+            limiter.limit(),
+            1,
+            "answers from a full upstream do not count"
+        );
+        drop(held);
+        let _one = limiter.try_acquire().expect("the probe's one place");
+        for _ in 0..PROBE_ANSWERS {
+            limiter.sample_at(Duration::from_millis(50), later);
+        }
+        assert_eq!(limiter.limit(), before, "the limit is back");
+        drop(_one);
+
+        // 50 ms is now the upstream's own latency: answers that fast let the limit grow.
+        let _held: Vec<_> = (0..before).filter_map(|_| limiter.try_acquire()).collect();
+        for _ in 0..10 {
+            limiter.sample_at(Duration::from_millis(50), later);
+        }
+        assert!(
+            limiter.limit() > before,
+            "{} after {before}",
+            limiter.limit()
+        );
+    }
+
+    #[test]
+    fn a_probe_that_cannot_drain_the_upstream_is_given_up() {
+        let limiter = limiter(10);
+        let start = Instant::now();
+        let _held: Vec<_> = (0..10).filter_map(|_| limiter.try_acquire()).collect();
+        for _ in 0..20 {
+            limiter.sample_at(Duration::from_millis(10), start);
+        }
+        let before = limiter.limit();
+        limiter.sample_at(Duration::from_millis(10), start + PROBE_EVERY);
+        assert_eq!(limiter.limit(), 1, "probing");
+        assert!(limiter.end_overdue_probe(start + PROBE_EVERY + PROBE_AT_MOST * 2));
+        assert_eq!(limiter.limit(), before);
     }
 
     #[test]
