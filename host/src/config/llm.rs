@@ -1,7 +1,7 @@
 //! `[routes.llm]`: a route that serves LLM APIs (OpenAI chat completions and Responses,
 //! Anthropic messages) with token budgets, provider deployments and failover.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -112,7 +112,12 @@ pub enum Provider {
 impl Llm {
     pub(super) fn check(&self, route: &str, upstreams: &HashSet<&str>, problems: &mut Vec<String>) {
         let mut names = HashSet::new();
+        // A deployment listed under several models is one account: one label, one deployment.
+        let mut deployments: HashMap<String, &Deployment> = HashMap::new();
         for model in &self.models {
+            if model.name.is_empty() {
+                problems.push(format!("route `{route}`: a model has an empty name"));
+            }
             if !names.insert(model.name.as_str()) {
                 problems.push(format!(
                     "route `{route}`: model `{}` is listed twice",
@@ -132,13 +137,39 @@ impl Llm {
                         model.name, deployment.upstream
                     ));
                 }
-                if deployment.weight == 0 {
+                if !(1..=1000).contains(&deployment.weight) {
                     problems.push(format!(
-                        "route `{route}`: model `{}`: weights must be at least 1",
+                        "route `{route}`: model `{}`: weights must be from 1 to 1000",
                         model.name
                     ));
                 }
+                if deployment.cooldown_ms.is_zero() {
+                    problems.push(format!(
+                        "route `{route}`: model `{}`: cooldown_ms must be above zero",
+                        model.name
+                    ));
+                }
+                let label = deployment.label();
+                match deployments.get(&label) {
+                    Some(seen) if !seen.same_account(deployment) => problems.push(format!(
+                        "route `{route}`: deployment name `{label}` names two different \
+                         deployments (upstream, model, provider or api_key_env differ)"
+                    )),
+                    _ => {
+                        deployments.insert(label, deployment);
+                    }
+                }
             }
+        }
+        if self.default_max_tokens == 0 {
+            problems.push(format!(
+                "route `{route}`: default_max_tokens must be above zero"
+            ));
+        }
+        if self.total_timeout_ms.is_some_and(|total| total.is_zero()) {
+            problems.push(format!(
+                "route `{route}`: total_timeout_ms must be above zero (leave it out for none)"
+            ));
         }
         if self.max_request_bytes == 0
             || self.first_byte_timeout_ms.is_zero()
@@ -172,6 +203,21 @@ impl Llm {
 }
 
 impl Deployment {
+    /// Whether `other` is the same account with its provider (its weight aside).
+    fn same_account(&self, other: &Deployment) -> bool {
+        (
+            &self.upstream,
+            &self.model,
+            self.provider,
+            &self.api_key_env,
+        ) == (
+            &other.upstream,
+            &other.model,
+            other.provider,
+            &other.api_key_env,
+        )
+    }
+
     pub fn label(&self) -> String {
         self.name
             .clone()

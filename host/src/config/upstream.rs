@@ -299,6 +299,18 @@ impl Upstream {
         if self.retry.budget_percent > 100 {
             problem("retry.budget_percent must be at most 100".into());
         }
+        if self.retry.backoff_base_ms > self.retry.backoff_max_ms {
+            problem("retry.backoff_base_ms must be at most retry.backoff_max_ms".into());
+        }
+        if self.try_timeout_ms.is_some_and(|limit| limit.is_zero())
+            || self.connect_timeout_ms.is_zero()
+        {
+            problem(
+                "try_timeout_ms and connect_timeout_ms must be above zero (leave \
+                 try_timeout_ms out for none)"
+                    .into(),
+            );
+        }
         if self.protocol == Protocol::Auto && self.tls.is_none() {
             problem(
                 "protocol = \"auto\" picks the version by TLS ALPN: set `tls`, or pick \
@@ -384,8 +396,16 @@ impl CircuitBreaker {
         if self.consecutive_failures == 0 && self.failure_rate.is_none() {
             problem("circuit_breaker: set consecutive_failures or failure_rate".into());
         }
-        if self.half_open_probes == 0 || self.window_ms.is_zero() {
-            problem("circuit_breaker: half_open_probes and window_ms must be above zero".into());
+        if self.half_open_probes == 0
+            || self.window_ms.is_zero()
+            || self.open_ms.is_zero()
+            || self.minimum_requests == 0
+        {
+            problem(
+                "circuit_breaker: half_open_probes, minimum_requests, window_ms and open_ms \
+                 must be above zero"
+                    .into(),
+            );
         }
     }
 }
@@ -563,6 +583,12 @@ mod tests {
                 "[upstreams.outlier_detection]\nbase_ejection_ms = 0",
                 "base_ejection_ms",
             ),
+            ("try_timeout_ms = 0", "try_timeout_ms"),
+            (
+                "[upstreams.retry]\nbackoff_base_ms = 1000\nbackoff_max_ms = 10",
+                "backoff_base_ms",
+            ),
+            ("[upstreams.circuit_breaker]\nopen_ms = 0", "open_ms"),
             ("[upstreams.retry]\non_status = [404]", "404"),
             (
                 "max_in_flight = 10\n[upstreams.adaptive_concurrency]\ninitial_limit = 20",
