@@ -97,8 +97,7 @@ impl LlmRoute {
             let entry = shared.entry(d.label()).or_insert_with(|| {
                 // NB: the config check has resolved every deployment's upstream.
                 let upstream = upstreams[&d.upstream].clone();
-                let gauge = metrics.remaining.with_label_values(&[&d.label()]);
-                Arc::new(Deployment::new(d, upstream, gauge))
+                Arc::new(Deployment::new(d, upstream, metrics.remaining.clone()))
             });
             entry.clone()
         };

@@ -69,7 +69,7 @@ pub struct UpstreamMetrics {
     retries: IntCounterVec,
     target_healthy: IntGaugeVec,
     target_ejections: IntCounterVec,
-    pub circuit_state: IntGauge,
+    circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
     concurrency_limit: IntGaugeVec,
 }
@@ -374,7 +374,7 @@ impl Metrics {
             retries: self.upstream_retries.clone(),
             target_healthy: self.target_healthy.clone(),
             target_ejections: self.target_ejections.clone(),
-            circuit_state: self.circuit_state.with_label_values(&[name]),
+            circuit_state: self.circuit_state.clone(),
             circuit_transitions: self.circuit_transitions.clone(),
             concurrency_limit: self.concurrency_limit.clone(),
         }
@@ -570,9 +570,15 @@ impl UpstreamMetrics {
         self.concurrency_limit.with_label_values(&[&self.upstream])
     }
 
+    /// The gauge of the upstream's circuit breaker state; only upstreams with a breaker get
+    /// the series.
+    pub fn circuit_state_gauge(&self) -> IntGauge {
+        self.circuit_state.with_label_values(&[&self.upstream])
+    }
+
     /// Records the circuit breaker entering `state` (0 closed, 1 open, 2 half open).
     pub fn circuit(&self, state: i64, name: &str) {
-        self.circuit_state.set(state);
+        self.circuit_state_gauge().set(state);
         self.circuit_transitions
             .with_label_values(&[&self.upstream, name])
             .inc();

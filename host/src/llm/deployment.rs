@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use prometheus::IntGauge;
+use prometheus::IntGaugeVec;
 
 use crate::config::{self, Provider};
 use crate::upstream::Upstream;
@@ -20,7 +20,7 @@ pub struct Deployment {
     /// The credential header to send, when the deployment has its own.
     pub credential: Option<(http::HeaderName, HeaderValue)>,
     state: Mutex<Standing>,
-    remaining: IntGauge,
+    remaining: IntGaugeVec,
 }
 
 #[derive(Debug, Default)]
@@ -55,7 +55,7 @@ impl Deployment {
     pub fn new(
         settings: &config::Deployment,
         upstream: Arc<Upstream>,
-        remaining: IntGauge,
+        remaining: IntGaugeVec,
     ) -> Deployment {
         Deployment {
             label: settings.label(),
@@ -132,7 +132,9 @@ impl Deployment {
     fn publish(&self, state: &Standing) {
         if let Some(tokens) = state.tokens {
             let left = tokens.remaining.saturating_sub(state.reserved);
-            self.remaining.set(i64::try_from(left).unwrap_or(i64::MAX));
+            // NB: the series appears with the provider's first figures, not as a 0 before.
+            let gauge = self.remaining.with_label_values(&[&self.label]);
+            gauge.set(i64::try_from(left).unwrap_or(i64::MAX));
         }
     }
 

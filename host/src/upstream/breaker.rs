@@ -66,7 +66,7 @@ struct Window {
 
 impl Breaker {
     pub fn new(settings: &config::CircuitBreaker, metrics: &UpstreamMetrics) -> Breaker {
-        metrics.circuit_state.set(0);
+        metrics.circuit_state_gauge().set(0);
         Breaker {
             state: Mutex::new(State {
                 phase: Phase::Closed,
