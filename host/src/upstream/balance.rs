@@ -86,20 +86,29 @@ impl Balancer {
         match (&self.kind, key) {
             (Kind::ConsistentHash(ring, _), Some(key)) => walk_ring(ring, key, usable),
             (Kind::Weighted(schedule), _) => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..schedule.len())
-                    .map(|step| schedule[(start + step) % schedule.len()])
-                    .find(|&index| usable(index))
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                if (0..count).all(&usable) {
+                    return Some(schedule[turn % schedule.len()]);
+                }
+                nth_turn(
+                    schedule.iter().copied().filter(|&index| usable(index)),
+                    turn,
+                )
             }
             (Kind::LeastRequest, _) => least_of_two(targets, usable),
             (Kind::RoundRobin | Kind::ConsistentHash(..), _) => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..count)
-                    .map(|step| (start + step) % count)
-                    .find(|&index| usable(index))
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                nth_turn((0..count).filter(|&index| usable(index)), turn)
             }
         }
     }
+}
+
+/// The target whose turn `turn` is, among `usable` in order: the turns of targets out of use
+/// are shared evenly by the others, not all given to the next one in line.
+fn nth_turn(mut usable: impl Iterator<Item = usize> + Clone, turn: usize) -> Option<usize> {
+    let count = usable.clone().count();
+    usable.nth(turn.checked_rem(count)?)
 }
 
 /// Power of two choices: of two usable targets drawn at random, the one with fewer requests
@@ -195,6 +204,14 @@ mod tests {
         let schedule = smooth_schedule(&[5, 1, 1]);
         assert_eq!(schedule.len(), 7);
         assert_eq!(schedule.iter().filter(|&&i| i == 0).count(), 5);
+    }
+
+    #[test]
+    fn the_turns_of_a_target_out_of_use_are_shared_evenly() {
+        let usable = || [0, 1, 2].into_iter().filter(|&i| i != 0);
+        let picks: Vec<_> = (0..6).map(|turn| nth_turn(usable(), turn)).collect();
+        assert_eq!(picks, [1, 2, 1, 2, 1, 2].map(Some));
+        assert_eq!(nth_turn(std::iter::empty(), 3), None);
     }
 
     #[test]
