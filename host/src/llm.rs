@@ -64,6 +64,10 @@ pub enum LlmError {
     OverBudget,
     #[error("every deployment of the model is out of budget or cooling down")]
     ProviderBudget(Duration),
+    #[error(
+        "the request's token estimate is larger than a whole window of every deployment's provider limit"
+    )]
+    OverProviderLimit,
     #[error("the request body is larger than the route reads")]
     BodyTooLarge,
     #[error("the client's request body broke off: {0}")]
@@ -287,6 +291,14 @@ impl LlmRoute {
                 .collect();
             if untried.is_empty() {
                 return Ok(None);
+            }
+            if !untried
+                .iter()
+                .any(|(_, d)| d.could_ever_take(pending.estimate))
+            {
+                // Waiting for a reset would not help: answer now, as for a consumer budget.
+                self.metrics.shed("over_provider_limit");
+                return Err(LlmError::OverProviderLimit);
             }
             let mut earliest = None::<Instant>;
             let mut ready = Vec::new();

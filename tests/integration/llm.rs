@@ -260,6 +260,17 @@ async fn a_provider_limit_seen_in_its_headers_is_never_spent_on_a_429() {
         3,
         "the fourth never reached the provider"
     );
+    // More tokens than the provider allows in a whole minute: no wait would help.
+    let huge = json!({ "model": "only-limited", "max_tokens": 200000, "messages": [] });
+    let never = send(chat(&url, huge)).await;
+    assert_eq!(
+        never.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        never.text()
+    );
+    assert_eq!(never.json()["error"], "token_estimate_over_provider_limit");
+    assert_eq!(limited.journal().await.len(), 3);
 
     assert_eq!(
         send(chat(&url, body("with-spare"))).await.status,

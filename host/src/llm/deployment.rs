@@ -27,6 +27,8 @@ pub struct Deployment {
 struct Standing {
     requests: Option<Quota>,
     tokens: Option<Quota>,
+    /// The provider's token limit for a whole window, when its headers gave it.
+    token_limit: Option<u64>,
     /// Requests sent and not yet answered, and the tokens they reserved: the provider has
     /// not counted them in the headers seen so far.
     in_flight: u64,
@@ -86,6 +88,12 @@ impl Deployment {
         Ok(())
     }
 
+    /// Whether a request of `tokens` fits the provider's limit for a whole window at all, as
+    /// far as its headers told.
+    pub fn could_ever_take(&self, tokens: u64) -> bool {
+        self.lock().token_limit.is_none_or(|limit| tokens <= limit)
+    }
+
     /// Counts a request of `tokens` as sent.
     pub fn claim(self: &Arc<Self>, tokens: u64) -> Claim {
         let mut state = self.lock();
@@ -106,19 +114,22 @@ impl Deployment {
             return;
         }
         let now = Instant::now();
-        let (requests, tokens) = match self.settings.provider {
+        let (requests, tokens, token_limit) = match self.settings.provider {
             Provider::Openai => (
                 openai_quota(headers, "requests", now),
                 openai_quota(headers, "tokens", now),
+                number(headers, "x-ratelimit-limit-tokens"),
             ),
             Provider::Anthropic => (
                 anthropic_quota(headers, "requests", now),
                 anthropic_quota(headers, "tokens", now),
+                number(headers, "anthropic-ratelimit-tokens-limit"),
             ),
         };
         let mut state = self.lock();
         state.requests = requests.or(state.requests);
         state.tokens = tokens.or(state.tokens);
+        state.token_limit = token_limit.or(state.token_limit);
         self.publish(&state);
     }
 

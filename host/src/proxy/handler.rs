@@ -75,8 +75,9 @@ enum Rejection {
     Upstream(UpstreamError),
     /// An LLM request over its consumer's or its providers' budget; retry after this long.
     TokenBudget(&'static str, Duration),
-    /// An LLM request whose estimate exceeds its consumer's whole budget: it never fits.
-    OverBudget,
+    /// An LLM request whose estimate exceeds its consumer's whole budget, or every provider's
+    /// whole limit: it never fits.
+    OverBudget(&'static str),
     ClientBody(String),
 }
 
@@ -86,7 +87,10 @@ impl From<LlmError> for Rejection {
             LlmError::ConsumerBudget(wait) => Rejection::TokenBudget("consumer_budget", wait),
             LlmError::ProviderBudget(wait) => Rejection::TokenBudget("provider_budget", wait),
             LlmError::BodyTooLarge => Rejection::BodyTooLarge,
-            LlmError::OverBudget => Rejection::OverBudget,
+            LlmError::OverBudget => Rejection::OverBudget("token_estimate_over_budget"),
+            LlmError::OverProviderLimit => {
+                Rejection::OverBudget("token_estimate_over_provider_limit")
+            }
             LlmError::ClientBody(err) => Rejection::ClientBody(err),
             LlmError::Upstream(UpstreamError::BodyTooLarge) => Rejection::BodyTooLarge,
             LlmError::Upstream(err) => Rejection::Upstream(err),
@@ -518,7 +522,7 @@ impl Rejection {
             Rejection::ClientBodyTimeout => (StatusCode::REQUEST_TIMEOUT, "client_body_timeout"),
             Rejection::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Rejection::TokenBudget(reason, _) => (StatusCode::TOO_MANY_REQUESTS, reason),
-            Rejection::OverBudget => (StatusCode::PAYLOAD_TOO_LARGE, "token_estimate_over_budget"),
+            Rejection::OverBudget(reason) => (StatusCode::PAYLOAD_TOO_LARGE, reason),
             Rejection::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
             Rejection::Upstream(err) => match err {
                 UpstreamError::Saturated(_) => {
