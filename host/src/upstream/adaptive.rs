@@ -262,14 +262,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_probe_measures_the_baseline_again_with_the_upstream_drained() {
+    /// A limiter of 10 with all 10 places taken, past its warm-up on 10 ms answers at `start`.
+    fn warmed() -> (Arc<AdaptiveLimit>, Vec<Ticket>, Instant) {
         let limiter = limiter(10);
         let start = Instant::now();
         let held: Vec<_> = (0..10).filter_map(|_| limiter.try_acquire()).collect();
         for _ in 0..20 {
             limiter.sample_at(Duration::from_millis(10), start);
         }
+        (limiter, held, start)
+    }
+
+    #[test]
+    fn a_probe_measures_the_baseline_again_with_the_upstream_drained() {
+        let (limiter, held, start) = warmed();
         let before = limiter.limit();
 
         // Time for a probe: the limit drops to min_limit until the upstream has drained.
@@ -306,12 +312,7 @@ mod tests {
 
     #[test]
     fn a_probe_that_cannot_drain_the_upstream_is_given_up() {
-        let limiter = limiter(10);
-        let start = Instant::now();
-        let _held: Vec<_> = (0..10).filter_map(|_| limiter.try_acquire()).collect();
-        for _ in 0..20 {
-            limiter.sample_at(Duration::from_millis(10), start);
-        }
+        let (limiter, _held, start) = warmed();
         let before = limiter.limit();
         limiter.sample_at(Duration::from_millis(10), start + PROBE_EVERY);
         assert_eq!(limiter.limit(), 1, "probing");
