@@ -17,6 +17,9 @@ use ipnet::IpNet;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Not set by the gateway, but one that upstreams behind nginx often trust: only a trusted
+/// proxy may pass it on.
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The far end of a client connection, with the text the forwarding headers give its
 /// address: written once per connection, not once per request.
@@ -106,6 +109,7 @@ impl TrustedProxies {
                 &X_FORWARDED_PROTO,
                 &X_FORWARDED_HOST,
                 &header::FORWARDED,
+                &X_REAL_IP,
             ] {
                 headers.remove(name);
             }

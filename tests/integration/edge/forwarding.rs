@@ -19,7 +19,8 @@ policies = ["mirror"]
 
 const FORGED: &[u8] = b"GET /who HTTP/1.1\r\nHost: example.com\r\n\
     X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\
-    X-Forwarded-Host: claimed.example\r\nForwarded: for=198.51.100.1\r\nConnection: close\r\n\r\n";
+    X-Forwarded-Host: claimed.example\r\nForwarded: for=198.51.100.1\r\nX-Real-IP: 198.51.100.1\r\n\
+    Connection: close\r\n\r\n";
 
 #[tokio::test]
 async fn headers_from_an_untrusted_client_are_replaced_and_its_address_is_used() {
@@ -38,6 +39,10 @@ async fn headers_from_an_untrusted_client_are_replaced_and_its_address_is_used()
         "for=127.0.0.1;host=\"example.com\";proto=http"
     );
     assert_eq!(seen["x-seen-client"], "127.0.0.1", "what policies see");
+    assert!(
+        !seen.contains_key("x-real-ip"),
+        "a client's X-Real-IP is dropped"
+    );
 }
 
 #[tokio::test]
