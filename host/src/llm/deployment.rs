@@ -2,11 +2,11 @@
 //! its rate-limit headers, less what requests in flight have reserved; and their cool-down
 //! after a failure.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use prometheus::IntGaugeVec;
+use prometheus::{IntGauge, IntGaugeVec};
 
 use crate::config::{self, Provider};
 use crate::upstream::Upstream;
@@ -21,6 +21,9 @@ pub struct Deployment {
     pub credential: Option<(http::HeaderName, HeaderValue)>,
     state: Mutex<Standing>,
     remaining: IntGaugeVec,
+    /// The deployment's series of `remaining`, made with the provider's first figures rather
+    /// than shown as a 0 before.
+    remaining_series: OnceLock<IntGauge>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +69,7 @@ impl Deployment {
             upstream,
             state: Mutex::new(Standing::default()),
             remaining,
+            remaining_series: OnceLock::new(),
         }
     }
 
@@ -143,8 +147,8 @@ impl Deployment {
     fn publish(&self, state: &Standing) {
         if let Some(tokens) = state.tokens {
             let left = tokens.remaining.saturating_sub(state.reserved);
-            // NB: the series appears with the provider's first figures, not as a 0 before.
-            let gauge = self.remaining.with_label_values(&[&self.label]);
+            let gauge = (self.remaining_series)
+                .get_or_init(|| self.remaining.with_label_values(&[&self.label]));
             gauge.set(i64::try_from(left).unwrap_or(i64::MAX));
         }
     }

@@ -61,6 +61,8 @@ struct Arrival {
     /// The client, once trusted proxies in front of the gateway are looked through.
     client: IpAddr,
     upgrade: Option<Upgrade>,
+    /// Why the request's host cannot be told, if it cannot (see `host`).
+    bad_host: Option<&'static str>,
 }
 
 /// Why the gateway answered a request itself rather than with an upstream response.
@@ -145,10 +147,12 @@ fn arrive(
     // Before anything else is set: `Connection` may name any header, ours included.
     strip_request_hop_by_hop(request.headers_mut());
     let identity = identity::assign(request.headers_mut());
+    // From here on `Host` names the host the request was addressed to.
+    let bad_host = host::check(request).err();
 
     let trusted = &snapshot.trusted_proxies;
     let client = trusted.client_addr(request.headers(), peer);
-    let host = request_host(request);
+    let host = request.headers().get(header::HOST).cloned();
     let scheme = if secure { "https" } else { "http" };
     trusted.set_headers(request.headers_mut(), peer, host.as_ref(), scheme);
 
@@ -157,6 +161,7 @@ fn arrive(
         peer: peer.addr,
         client,
         upgrade,
+        bad_host,
     };
     (identity, arrival)
 }
@@ -187,14 +192,18 @@ async fn serve(
     entry: &mut Entry,
 ) -> Response<Body> {
     let started = arrival.started;
-    if let Err((status, reason)) = check_target(&mut request, &snapshot) {
+    let checked = match arrival.bad_host {
+        Some(reason) => Err((StatusCode::BAD_REQUEST, reason)),
+        None => check_target(&mut request, &snapshot),
+    };
+    if let Err((status, reason)) = checked {
         entry.reason = Some(reason);
         metrics.rejected("", reason);
         metrics.request("", status, started.elapsed().as_secs_f64());
         return refusal(status, reason);
     }
-    let host = request_host(&request);
-    let host = host.as_ref().and_then(|h| h.to_str().ok());
+    let host = request.headers().get(header::HOST);
+    let host = host.and_then(|h| h.to_str().ok());
     let Some(route) = snapshot.router.find(host, request.uri().path()) else {
         entry.reason = Some("no_route");
         metrics.rejected("", "no_route");
@@ -260,14 +269,9 @@ async fn proxy(
     if declared_length(request.headers()).is_some_and(|length| length > max_body_bytes) {
         return Err(Rejection::BodyTooLarge);
     }
-    let host = request_host(&request);
     let (mut parts, body) = request.into_parts();
     // Counted from the start, so a timeout can tell whether the client was still sending.
     let body = Counted::new(body, entry.body_in.clone());
-    if let Some(host) = &host {
-        // HTTP/2 clients send `:authority` instead; the upstream speaks HTTP/1.1 and needs Host.
-        parts.headers.insert(header::HOST, host.clone());
-    }
     if route.llm.is_some() {
         // Only the route's policies may replace the token estimate.
         parts.headers.remove(crate::llm::ESTIMATE_HEADER);
@@ -551,13 +555,11 @@ impl Rejection {
     }
 }
 
-/// Refuses a request target over `max_uri_bytes` or a request whose host cannot be told,
-/// then normalises the path.
+/// Refuses a request target over `max_uri_bytes`, then normalises the path.
 fn check_target(
     request: &mut Request<Incoming>,
     snapshot: &Snapshot,
 ) -> Result<(), (StatusCode, &'static str)> {
-    host::check(request).map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
     let max_uri_bytes = snapshot.max_uri_bytes;
     let uri = request.uri();
     let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
@@ -640,15 +642,6 @@ pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// The host the request was addressed to: the target's authority (absolute-form, HTTP/2's
-/// `:authority`), else `Host`.
-fn request_host(request: &Request<Incoming>) -> Option<HeaderValue> {
-    match request.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => request.headers().get(header::HOST).cloned(),
-    }
 }
 
 fn request_head(parts: &Parts, route: &str, client: IpAddr) -> RequestHead {

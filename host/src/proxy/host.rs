@@ -10,23 +10,24 @@
 use http::header::{self, HeaderValue};
 use http::{Request, Version};
 
-/// Checks the request's host, and makes `Host` the authority of an absolute-form target; the
-/// reason to answer 400 when the host cannot be told.
+/// Checks the request's host and leaves it in `Host`, where everything after reads it: the
+/// authority of the target, when it has one, replaces or fills in `Host`. The reason to answer
+/// 400 when the host cannot be told.
 pub fn check<B>(request: &mut Request<B>) -> Result<(), &'static str> {
     let mut lines = request.headers().get_all(header::HOST).iter();
     let host = lines.next();
     if lines.next().is_some() || host.is_some_and(|host| !is_host(host.as_bytes())) {
         return Err("invalid_host");
     }
-    let authority = request.uri().authority();
-    match (authority, host) {
-        (Some(authority), Some(host))
-            if request.version() == Version::HTTP_2
-                && !(authority.as_str().as_bytes()).eq_ignore_ascii_case(host.as_bytes()) =>
-        {
-            return Err("invalid_host");
+    let http2 = request.version() == Version::HTTP_2;
+    match (request.uri().authority(), host) {
+        // HTTP/2 may say the host twice: both must agree.
+        (Some(authority), Some(host)) if http2 => {
+            let agree = (authority.as_str().as_bytes()).eq_ignore_ascii_case(host.as_bytes());
+            return agree.then_some(()).ok_or("invalid_host");
         }
-        (Some(authority), _) if request.version() != Version::HTTP_2 => {
+        // An absolute-form target in HTTP/1, or `:authority` alone in HTTP/2.
+        (Some(authority), _) => {
             if !is_host(authority.as_str().as_bytes()) {
                 return Err("invalid_host");
             }
@@ -112,5 +113,12 @@ mod tests {
         };
         assert_eq!(check(&mut request("GOOD.example")), Ok(()));
         assert_eq!(check(&mut request("bad.example")), Err("invalid_host"));
+
+        let mut alone = Request::get("http://good.example/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert_eq!(check(&mut alone), Ok(()));
+        assert_eq!(alone.headers()[header::HOST], "good.example");
     }
 }

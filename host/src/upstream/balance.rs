@@ -87,6 +87,8 @@ impl Balancer {
             (Kind::ConsistentHash(ring, _), Some(key)) => walk_ring(ring, key, usable),
             (Kind::Weighted(schedule), _) => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                // The schedule is as long as the weights' sum: walk it only when a target is
+                // out of use.
                 if (0..count).all(&usable) {
                     return Some(schedule[turn % schedule.len()]);
                 }
