@@ -119,6 +119,7 @@ impl Gateway {
                     .chain(current.plugins.values())
                     .map(|p| *p.digest())
                     .collect();
+                forget_removed(&self.metrics, &current, &next);
                 self.snapshot.store(Arc::new(next));
                 self.runtime.retain_compiled(&live);
                 self.metrics.config_loaded(generation);
@@ -359,6 +360,53 @@ impl Snapshot {
             .find(|u| u.name == settings.name)?;
         (old == settings).then(|| self.upstreams.get(&settings.name).cloned())?
     }
+}
+
+/// Drops the metric series of what `old` has and `new` does not: removed routes, upstreams,
+/// plugins and LLM deployments, and the targets, breaker or adaptive limit an upstream lost,
+/// so that `/metrics` stops exporting their last values. A request still finishing on `old`
+/// may count itself once more under a removed name.
+fn forget_removed(metrics: &Metrics, old: &Snapshot, new: &Snapshot) {
+    let (old, new) = (&old.config, &new.config);
+    let routes = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect();
+    for route in removed(routes(old), routes(new)) {
+        metrics.forget("route", &route);
+    }
+    let plugins = |c: &Config| c.plugins.iter().map(|p| p.name.clone()).collect();
+    for plugin in removed(plugins(old), plugins(new)) {
+        metrics.forget("plugin", &plugin);
+    }
+    let deployments = |c: &Config| {
+        let llm = c.routes.iter().filter_map(|r| r.llm.as_ref());
+        let all = llm.flat_map(|l| &l.models).flat_map(|m| &m.deployments);
+        all.map(|d| d.label()).collect()
+    };
+    for deployment in removed(deployments(old), deployments(new)) {
+        metrics.forget("deployment", &deployment);
+    }
+    for before in &old.upstreams {
+        let name = before.name.as_str();
+        let Some(now) = new.upstreams.iter().find(|u| u.name == name) else {
+            metrics.forget("upstream", name);
+            continue;
+        };
+        let targets =
+            |u: &config::Upstream| u.targets.iter().map(|t| t.address().to_string()).collect();
+        for target in removed(targets(before), targets(now)) {
+            metrics.forget_target(name, &target);
+        }
+        if before.circuit_breaker.is_some() && now.circuit_breaker.is_none() {
+            metrics.forget_circuit(name);
+        }
+        if before.adaptive_concurrency.is_some() && now.adaptive_concurrency.is_none() {
+            metrics.forget_concurrency_limit(name);
+        }
+    }
+}
+
+/// The names in `old` that are not in `new`.
+fn removed(old: HashSet<String>, new: HashSet<String>) -> impl Iterator<Item = String> {
+    old.into_iter().filter(move |name| !new.contains(name))
 }
 
 fn spawn_bucket_sweeper(buckets: std::sync::Weak<Buckets>) {

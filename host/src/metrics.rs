@@ -1,5 +1,8 @@
 //! The gateway's Prometheus metrics, held in one registry that is passed down explicitly.
 
+use std::collections::HashMap;
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -401,6 +404,66 @@ impl Metrics {
         }
     }
 
+    /// Drops every series whose label `label` is `value`, in every metric that has that
+    /// label: what a reload does for the routes, upstreams, plugins and LLM deployments it
+    /// removed, so that they stop being exported with their last values.
+    pub fn forget(&self, label: &str, value: &str) {
+        let llm = &self.llm;
+        let labelled: [&dyn Forget; 30] = [
+            &self.requests,
+            &self.request_duration,
+            &self.rejected,
+            &self.queue_depth,
+            &self.queue_capacity,
+            &self.queue_wait,
+            &self.in_flight,
+            &self.upstream_in_flight,
+            &self.upstream_requests,
+            &self.upstream_retries,
+            &self.target_healthy,
+            &self.target_ejections,
+            &self.circuit_state,
+            &self.circuit_transitions,
+            &self.concurrency_limit,
+            &self.plugin_duration,
+            &self.plugin_fuel,
+            &self.plugin_failures,
+            &self.plugin_instances,
+            &self.plugin_wait,
+            &self.plugin_waiting,
+            &self.plugin_recycled,
+            &llm.token_usage,
+            &llm.time_to_first_token,
+            &llm.time_per_output_token,
+            &llm.request_duration,
+            &llm.reserved,
+            &llm.remaining,
+            &llm.unparsed,
+            &llm.failovers,
+        ];
+        for metric in labelled {
+            metric.forget(&[(label, value)]);
+        }
+    }
+
+    /// Drops the series of one target of an upstream that is still configured.
+    pub fn forget_target(&self, upstream: &str, target: &str) {
+        let series = [("upstream", upstream), ("target", target)];
+        self.target_healthy.forget(&series);
+        self.target_ejections.forget(&series);
+    }
+
+    /// Drops the circuit breaker series of an upstream that no longer has a breaker.
+    pub fn forget_circuit(&self, upstream: &str) {
+        self.circuit_state.forget(&[("upstream", upstream)]);
+        self.circuit_transitions.forget(&[("upstream", upstream)]);
+    }
+
+    /// Drops the adaptive limit series of an upstream that no longer has one.
+    pub fn forget_concurrency_limit(&self, upstream: &str) {
+        self.concurrency_limit.forget(&[("upstream", upstream)]);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -611,6 +674,34 @@ impl PluginMetrics {
         self.failures
             .with_label_values(&[self.plugin.as_str(), failure.reason()])
             .inc();
+    }
+}
+
+/// A labelled metric whose series can be dropped by some of their labels.
+trait Forget {
+    /// Drops every series that has all of `labels` (name and value).
+    fn forget(&self, labels: &[(&str, &str)]);
+}
+
+impl<T: MetricVecBuilder> Forget for MetricVec<T> {
+    fn forget(&self, labels: &[(&str, &str)]) {
+        for family in self.collect() {
+            for series in family.get_metric() {
+                let pairs = series.get_label();
+                let matches = labels.iter().all(|(name, value)| {
+                    pairs
+                        .iter()
+                        .any(|p| p.name() == *name && p.value() == *value)
+                });
+                if matches {
+                    let all: HashMap<&str, &str> =
+                        pairs.iter().map(|p| (p.name(), p.value())).collect();
+                    // NB: the series was just collected, so it exists; a concurrent removal
+                    // would only make this one a no-op.
+                    let _ = self.remove(&all);
+                }
+            }
+        }
     }
 }
 

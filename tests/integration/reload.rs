@@ -321,3 +321,74 @@ async fn encoded_slash_changes_on_reload() {
     assert_eq!(get(&gateway.url("/a%2Fb")).await.status, StatusCode::OK);
     assert_eq!(upstream.last().path_and_query, "/a/b");
 }
+
+#[tokio::test]
+async fn a_reload_drops_the_metric_series_of_what_it_removed() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("forget");
+    let (v1, _) = files.plugin_versions();
+    let path = files.path("sluice.toml");
+    // A second target that refuses connections, so the legacy upstream has series for both.
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refusing_addr = refusing.local_addr().unwrap();
+    drop(refusing);
+    let legacy = |targets: &str, breaker: bool| {
+        let breaker = match breaker {
+            true => "[upstreams.circuit_breaker]\nconsecutive_failures = 100\n",
+            false => "",
+        };
+        format!(
+            "\n[[upstreams]]\nname = \"legacy\"\ntargets = [{targets}]\n{breaker}\n\
+             [[routes]]\nname = \"legacy\"\npath_prefix = \"/legacy\"\nupstream = \"legacy\"\n"
+        )
+    };
+    let both = format!("\"{}\", \"{refusing_addr}\"", upstream.addr);
+    let one = format!("\"{}\"", upstream.addr);
+    let with_legacy = |legacy_part: String| config(&upstream, &v1, "v1", true) + &legacy_part;
+
+    std::fs::write(&path, with_legacy(legacy(&both, true))).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+    for path in ["/chaos", "/plain", "/legacy", "/legacy", "/legacy"] {
+        get(&gateway.url(path)).await;
+    }
+    let before = gateway.metrics().await;
+    for series in [
+        r#"route="legacy""#,
+        r#"route="chaos""#,
+        r#"plugin="chaos""#,
+        &format!(r#"target="{refusing_addr}""#),
+        r#"sluice_upstream_circuit_state{upstream="legacy"}"#,
+    ] {
+        assert!(before.contains(series), "{series} is exported");
+    }
+
+    // The legacy upstream keeps its name but loses a target and its breaker.
+    std::fs::write(&path, with_legacy(legacy(&one, false))).unwrap();
+    assert_eq!(gateway.reload().await.0, StatusCode::OK);
+    let after = gateway.metrics().await;
+    assert!(!after.contains(&format!(r#"target="{refusing_addr}""#)));
+    assert!(!after.contains("sluice_upstream_circuit_state{"));
+    assert!(after.contains(&format!(
+        r#"sluice_upstream_target_healthy{{target="{}",upstream="legacy"}} 1"#,
+        upstream.addr
+    )));
+
+    // Then the legacy route and upstream go, and the chaos route with its plugin.
+    let plain_only = sluice_tests::gateway::config_text(
+        &upstream,
+        "[[routes]]\nname = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"app\"\n",
+    );
+    std::fs::write(&path, plain_only).unwrap();
+    assert_eq!(gateway.reload().await.0, StatusCode::OK);
+    assert_eq!(get(&gateway.url("/plain")).await.status, StatusCode::OK);
+    let after = gateway.metrics().await;
+    for gone in [
+        r#"route="legacy""#,
+        r#"upstream="legacy""#,
+        r#"route="chaos""#,
+        r#"plugin="chaos""#,
+    ] {
+        assert!(!after.contains(gone), "{gone} is still exported");
+    }
+    assert!(after.contains(r#"sluice_requests_total{route="plain",status="200"} 2"#));
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
@@ -52,6 +52,10 @@ enum Step {
 
 /// Names the plugin whose failure the gateway answered for.
 const PLUGIN_HEADER: &str = "x-sluice-plugin";
+
+/// The `Allow` header of a refused TRACE or CONNECT: the standard methods the gateway
+/// forwards (extension methods are forwarded too).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// What the gateway knows about a request before routing it.
 struct Arrival {
@@ -555,11 +559,18 @@ impl Rejection {
     }
 }
 
-/// Refuses a request target over `max_uri_bytes`, then normalises the path.
+/// Refuses TRACE and CONNECT and a request target over `max_uri_bytes`, then normalises the
+/// path.
 fn check_target(
     request: &mut Request<Incoming>,
     snapshot: &Snapshot,
 ) -> Result<(), (StatusCode, &'static str)> {
+    // TRACE would echo the request, credentials included, back through the gateway; CONNECT
+    // would make the gateway an open tunnel. Neither is forwarded, as at common edge proxies.
+    if matches!(*request.method(), Method::TRACE | Method::CONNECT) {
+        tracing::debug!(method = %request.method(), "refused a method the gateway does not forward");
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    }
     let max_uri_bytes = snapshot.max_uri_bytes;
     let uri = request.uri();
     let length = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
@@ -624,6 +635,11 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 /// host cannot be told the connection is closed: what follows it cannot be trusted either.
 fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
     let mut response = error_response(status, reason);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    }
     if status == StatusCode::URI_TOO_LONG || reason.ends_with("_host") {
         response
             .headers_mut()

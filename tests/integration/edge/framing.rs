@@ -449,3 +449,42 @@ async fn a_length_padded_past_what_the_check_reads_is_refused() {
     }
     assert!(upstream.received().is_empty(), "{:?}", upstream.received());
 }
+
+#[tokio::test]
+async fn trace_and_connect_are_refused_with_405() {
+    let upstream = TestUpstream::start().await;
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+    let allows = |response: &sluice_tests::RawResponse| {
+        let allow = response.header("allow").unwrap_or_default();
+        allow.contains("GET") && !allow.contains("TRACE") && !allow.contains("CONNECT")
+    };
+
+    // TRACE is refused and the connection goes on serving.
+    let mut connection = RawConnection::open(gateway.addr).await;
+    connection
+        .write(b"TRACE /echo HTTP/1.1\r\nHost: example\r\nAuthorization: Bearer secret\r\n\r\n")
+        .await;
+    let traced = connection.response(false).await.expect("a response");
+    assert_eq!(traced.status(), 405);
+    assert!(allows(&traced));
+    connection
+        .write(b"GET /after HTTP/1.1\r\nHost: example\r\n\r\n")
+        .await;
+    assert_eq!(connection.response(false).await.unwrap().status(), 200);
+
+    // CONNECT is refused, and like any upgrade not taken its connection is closed.
+    let (status, closed) = refused(
+        &gateway,
+        b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert!(closed);
+
+    let paths: Vec<_> = upstream
+        .received()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(paths, ["/after"]);
+}
