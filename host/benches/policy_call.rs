@@ -10,7 +10,7 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::config;
 use sluice::metrics::Metrics;
-use sluice::plugin::{Header, Plugin, RequestHead, Runtime};
+use sluice::plugin::{Plugin, RequestHead, Runtime, header_list};
 use sluice_ratelimit::Buckets;
 
 const PLUGINS: &[(&str, &str)] = &[
@@ -42,24 +42,18 @@ fn settings(name: &str, config: &str, isolation: &str) -> config::Plugin {
 }
 
 fn request() -> RequestHead {
-    let mut headers: Vec<Header> = (0..18)
-        .map(|i| Header {
-            name: format!("x-header-{i}"),
-            value: format!("value number {i}").into_bytes(),
-        })
-        .collect();
-    headers.push(Header {
-        name: "host".into(),
-        value: b"api.example.com".to_vec(),
-    });
-    headers.push(Header {
-        name: "x-api-key".into(),
-        value: b"bench-key".to_vec(),
-    });
+    let mut headers = http::HeaderMap::new();
+    for i in 0..18 {
+        let name = http::HeaderName::try_from(format!("x-header-{i}")).expect("header name");
+        let value = http::HeaderValue::try_from(format!("value number {i}")).expect("value");
+        headers.insert(name, value);
+    }
+    headers.insert("host", http::HeaderValue::from_static("api.example.com"));
+    headers.insert("x-api-key", http::HeaderValue::from_static("bench-key"));
     RequestHead {
         method: "GET".into(),
         path_and_query: "/v1/items?page=2".into(),
-        headers,
+        headers: header_list(&headers),
         client_addr: "203.0.113.7".into(),
         route: "bench".into(),
     }

@@ -21,16 +21,35 @@ use sluice_ratelimit::Buckets;
 use wasmtime::{Store, Trap};
 
 pub use bindings::types::{
-    Header, HeaderChanges, RequestChanges, RequestDecision, RequestHead, ResponseHead,
+    Header, HeaderChanges, HeaderList, RequestChanges, RequestDecision, RequestHead, ResponseHead,
 };
 pub use mutation::{InvalidMutation, apply_header_changes, direct_response, rewrite_path};
-pub use runtime::{Digest, Runtime, digest};
+pub use runtime::{Digest, POLICY_VERSION, Runtime, digest};
 
 use self::bindings::{Policy, PolicyPre};
 use self::host_api::StoreState;
 use self::pool::{Lease, Pool};
 use crate::config::{self, Isolation, OnError};
 use crate::metrics::{Metrics, PluginMetrics};
+
+/// Packs headers for a policy: every name and value in one byte list, and where each ends.
+pub fn header_list(headers: &http::HeaderMap) -> HeaderList {
+    let size = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let mut list = HeaderList {
+        bytes: Vec::with_capacity(size),
+        ends: Vec::with_capacity(headers.len() * 2),
+    };
+    for (name, value) in headers {
+        list.bytes.extend_from_slice(name.as_str().as_bytes());
+        list.ends.push(list.bytes.len() as u32);
+        list.bytes.extend_from_slice(value.as_bytes());
+        list.ends.push(list.bytes.len() as u32);
+    }
+    list
+}
 
 /// Init may parse keys and build tables, so it gets more room than a request phase.
 const INIT_BUDGET_FACTOR: u64 = 20;

@@ -21,7 +21,8 @@
 //! same algorithm (GCRA) with state shared by the whole test process, and
 //! [`log`](crate::log) records are kept per thread and read with [`take_logs`].
 
-use crate::bindings::sluice::policy::types::{Header, RequestHead, ResponseHead};
+use crate::bindings::sluice::policy::types::{RequestHead, ResponseHead};
+use crate::http::{pack, push};
 use crate::{Config, LogLevel, Policy, Request, Response};
 
 /// Builds a policy from configuration JSON, as the gateway does when it loads a plugin.
@@ -47,7 +48,7 @@ impl TestRequest {
             head: RequestHead {
                 method: method.to_string(),
                 path_and_query: path_and_query.to_string(),
-                headers: Vec::new(),
+                headers: pack([]),
                 client_addr: "127.0.0.1".to_string(),
                 route: "test".to_string(),
             },
@@ -61,10 +62,7 @@ impl TestRequest {
 
     /// Adds a header; the name is lower-cased as the gateway does.
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
-        self.head.headers.push(Header {
-            name: name.to_ascii_lowercase(),
-            value: value.into(),
-        });
+        push(&mut self.head.headers, name, &value.into());
         self
     }
 
@@ -90,13 +88,7 @@ impl TestRequest {
 pub fn response(status: u16, headers: &[(&str, &str)]) -> Response {
     Response::from_head(ResponseHead {
         status,
-        headers: headers
-            .iter()
-            .map(|(n, v)| Header {
-                name: n.to_ascii_lowercase(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect(),
+        headers: pack(headers.iter().map(|(n, v)| (*n, v.as_bytes()))),
     })
 }
 

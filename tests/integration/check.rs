@@ -83,6 +83,19 @@ async fn a_component_importing_what_the_host_lacks_is_refused_naming_the_import(
 }
 
 #[tokio::test]
+async fn a_policy_built_for_another_interface_version_is_refused_naming_both() {
+    let err = check(&plugin_at("{plugin:outdated}", "{}"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("sluice:policy@0.1.0")
+            && err.contains(&format!("sluice:policy@{}", sluice::plugin::POLICY_VERSION))
+            && err.contains("rebuild"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_plugin_config_the_policy_rejects_is_refused_at_load() {
     let err = check(&plugin_at("{plugin:chaos}", r#"{ mode = "explode" }"#))
         .await

@@ -119,6 +119,7 @@ impl Runtime {
     /// gateway does not provide.
     fn prepare(&self, bytes: &[u8]) -> anyhow::Result<bindings::PolicyPre<StoreState>> {
         let component = Component::new(&self.engine, bytes)?;
+        check_interface_version(&component, &self.engine)?;
         let instance_pre = self.linker.instantiate_pre(&component)?;
         Ok(bindings::PolicyPre::new(instance_pre)?)
     }
@@ -134,6 +135,49 @@ impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
     }
+}
+
+/// The version of the `sluice:policy` package in `wit/policy.wit`, which the gateway speaks.
+pub const POLICY_VERSION: &str = "0.2.0";
+
+/// Refuses a component built for a version of `sluice:policy` incompatible with
+/// [`POLICY_VERSION`], naming both: linking would otherwise fail with a message about a
+/// missing export that does not say the fix is to rebuild the policy.
+fn check_interface_version(component: &Component, engine: &Engine) -> anyhow::Result<()> {
+    let ty = component.component_type();
+    let names = ty.imports(engine).map(|(name, _)| name);
+    let names = names.chain(ty.exports(engine).map(|(name, _)| name));
+    for name in names {
+        let Some(interface) = name.strip_prefix("sluice:policy/") else {
+            continue;
+        };
+        let version = interface.split_once('@').map_or("", |(_, version)| version);
+        if !semver_compatible(version, POLICY_VERSION) {
+            anyhow::bail!(
+                "the component was built for the policy interface sluice:policy@{version}, \
+                 but this gateway speaks sluice:policy@{POLICY_VERSION}: rebuild the policy \
+                 with the sluice-sdk of this gateway"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether a component built for `built` can run where `speaks` is provided: the same major
+/// version, or before 1.0 the same minor one, and no newer.
+fn semver_compatible(built: &str, speaks: &str) -> bool {
+    let parts = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut numbers = v.splitn(3, '.').map(|n| n.parse().ok());
+        Some((numbers.next()??, numbers.next()??, numbers.next()??))
+    };
+    let (Some(built), Some(speaks)) = (parts(built), parts(speaks)) else {
+        return false;
+    };
+    let breaking = |(major, minor, _): (u64, u64, u64)| match major {
+        0 => (0, minor),
+        _ => (major, 0),
+    };
+    breaking(built) == breaking(speaks) && built <= speaks
 }
 
 /// The SHA-256 digest of a component's bytes.
@@ -188,4 +232,31 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) {
             }
         })
         .expect("spawning the epoch thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_the_one_in_the_wit_file() {
+        let wit = include_str!("../../../wit/policy.wit");
+        assert!(wit.contains(&format!("package sluice:policy@{POLICY_VERSION};")));
+    }
+
+    #[test]
+    fn compatible_versions_follow_semver() {
+        assert!(semver_compatible("0.2.0", "0.2.0"));
+        assert!(semver_compatible("0.2.0", "0.2.3"));
+        assert!(
+            !semver_compatible("0.2.4", "0.2.3"),
+            "needs what is not there yet"
+        );
+        assert!(!semver_compatible("0.1.0", "0.2.0"));
+        assert!(!semver_compatible("0.3.0", "0.2.0"));
+        assert!(semver_compatible("1.0.0", "1.4.0"));
+        assert!(!semver_compatible("1.0.0", "2.0.0"));
+        assert!(!semver_compatible("", "0.2.0"));
+        assert!(!semver_compatible("0.2", "0.2.0"));
+    }
 }

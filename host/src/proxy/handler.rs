@@ -28,8 +28,8 @@ use crate::gateway::Snapshot;
 use crate::llm::LlmError;
 use crate::metrics::Metrics;
 use crate::plugin::{
-    Header, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
-    apply_header_changes, direct_response, rewrite_path,
+    HeaderList, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
+    apply_header_changes, direct_response, header_list, rewrite_path,
 };
 use crate::upstream::{Lease, Outgoing, UpstreamError};
 
@@ -346,7 +346,10 @@ async fn request_phase(route: &Route, mut parts: Parts, client: IpAddr) -> Outco
         let head = RequestHead {
             method: String::new(),
             path_and_query: String::new(),
-            headers: Vec::new(),
+            headers: HeaderList {
+                bytes: Vec::new(),
+                ends: Vec::new(),
+            },
             client_addr: String::new(),
             route: String::new(),
         };
@@ -400,7 +403,7 @@ async fn response_phase(
     for plugin in route.policies.iter().rev() {
         let seen = head.get_or_insert_with(|| ResponseHead {
             status: parts.status.as_u16(),
-            headers: wit_headers(&parts.headers),
+            headers: header_list(&parts.headers),
         });
         let changed = plugin.on_response(request, seen).await.and_then(|changes| {
             if header_changes_nothing(&changes) {
@@ -668,20 +671,10 @@ fn request_head(parts: &Parts, route: &str, client: IpAddr) -> RequestHead {
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
             .to_string(),
-        headers: wit_headers(&parts.headers),
+        headers: header_list(&parts.headers),
         client_addr: client.to_string(),
         route: route.to_string(),
     }
-}
-
-fn wit_headers(headers: &HeaderMap) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().to_string(),
-            value: value.as_bytes().to_vec(),
-        })
-        .collect()
 }
 
 fn header_value(text: &str) -> HeaderValue {
