@@ -42,6 +42,8 @@ pub fn header_list(headers: &http::HeaderMap) -> HeaderList {
         bytes: Vec::with_capacity(size),
         ends: Vec::with_capacity(headers.len() * 2),
     };
+    // NB: offsets fit in u32: hyper limits a header section to far less than 4 GiB, and a
+    // policy's own additions are bounded by its memory cap.
     for (name, value) in headers {
         list.bytes.extend_from_slice(name.as_str().as_bytes());
         list.ends.push(list.bytes.len() as u32);
