@@ -21,7 +21,8 @@ use sluice_ratelimit::Buckets;
 use wasmtime::{Store, Trap};
 
 pub use bindings::types::{
-    Header, HeaderChanges, HeaderList, RequestChanges, RequestDecision, RequestHead, ResponseHead,
+    Header, HeaderChanges, HeaderList, Phases, RequestChanges, RequestDecision, RequestHead,
+    ResponseHead,
 };
 pub use mutation::{InvalidMutation, apply_header_changes, direct_response, rewrite_path};
 pub use runtime::{Digest, POLICY_VERSION, Runtime, digest};
@@ -67,6 +68,8 @@ pub struct Plugin {
     buckets: Arc<Buckets>,
     pool: Pool<Instance>,
     metrics: PluginMetrics,
+    /// The phases the policy takes part in, from its first instance's `init`.
+    phases: Phases,
 }
 
 /// Why a plugin call did not produce a result.
@@ -117,7 +120,7 @@ impl Plugin {
             .map_err(|err| format!("cannot read {}: {err}", settings.path.display()))?;
         let compiled = runtime.compile(bytes, metrics).await?;
         let plugin_metrics = metrics.plugin(&settings.name);
-        let plugin = Arc::new(Plugin {
+        let mut plugin = Plugin {
             name: Arc::from(settings.name.as_str()),
             settings: settings.clone(),
             config_json: settings.config_json(),
@@ -127,18 +130,20 @@ impl Plugin {
             buckets,
             pool: Pool::new(settings, &plugin_metrics),
             metrics: plugin_metrics,
-        });
-        let first = plugin
+            phases: Phases::all(),
+        };
+        let (first, phases) = plugin
             .instantiate()
             .await
             .map_err(|failure| match failure {
                 PluginFailure::Init(message) => format!("rejected its config: {message}"),
                 other => other.to_string(),
             })?;
+        plugin.phases = phases;
         plugin
             .pool
             .seed(first, plugin.settings.isolation == Isolation::Pooled);
-        Ok(plugin)
+        Ok(Arc::new(plugin))
     }
 
     /// Whether this plugin was loaded from exactly these settings and component bytes, so a
@@ -158,6 +163,15 @@ impl Plugin {
 
     pub fn on_error(&self) -> OnError {
         self.settings.on_error
+    }
+
+    /// Whether the policy takes part in `phase`, as its `init` said; it is not called in the
+    /// others.
+    pub fn takes_part_in(&self, phase: Phase) -> bool {
+        self.phases.contains(match phase {
+            Phase::Request => Phases::REQUEST,
+            Phase::Response => Phases::RESPONSE,
+        })
     }
 
     /// Runs the request phase.
@@ -200,7 +214,7 @@ impl Plugin {
         };
         let mut instance = match lease.take_idle() {
             Some(instance) => instance,
-            None => self.instantiate().await?,
+            None => self.instantiate().await?.0,
         };
 
         let started = Instant::now();
@@ -223,8 +237,9 @@ impl Plugin {
         }
     }
 
-    /// Creates an instance and runs the policy's `init` with its configuration.
-    async fn instantiate(&self) -> Result<Instance, PluginFailure> {
+    /// Creates an instance and runs the policy's `init` with its configuration; returns it
+    /// with the phases it takes part in.
+    async fn instantiate(&self) -> Result<(Instance, Phases), PluginFailure> {
         let state = StoreState::new(
             self.name.clone(),
             self.buckets.clone(),
@@ -247,11 +262,14 @@ impl Plugin {
             .call_init(&mut store, &self.config_json)
             .await;
         match init {
-            Ok(Ok(())) => Ok(Instance {
-                store,
-                policy,
-                uses: 0,
-            }),
+            Ok(Ok(phases)) => {
+                let instance = Instance {
+                    store,
+                    policy,
+                    uses: 0,
+                };
+                Ok((instance, phases))
+            }
             Ok(Err(message)) => Err(PluginFailure::Init(message)),
             Err(err) => Err(PluginFailure::Init(classify(&err, &store).to_string())),
         }

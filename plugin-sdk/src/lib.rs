@@ -14,7 +14,7 @@
 //! [`Policy`] for it, and exports it with [`export_policy!`]:
 //!
 //! ```
-//! use sluice_sdk::{Config, Decision, Policy, Reply, Request, RequestChanges};
+//! use sluice_sdk::{Config, Decision, Phases, Policy, Reply, Request, RequestChanges};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Settings {
@@ -26,6 +26,9 @@
 //! }
 //!
 //! impl Policy for RequireHeader {
+//!     // Only requests: the gateway skips this policy on the way back.
+//!     const PHASES: Phases = Phases::REQUEST;
+//!
 //!     fn new(config: Config) -> Result<Self, String> {
 //!         let settings: Settings = config.parse()?;
 //!         Ok(RequireHeader { header: settings.header })
@@ -88,11 +91,21 @@ pub use decision::{Decision, HeaderChanges, Reply, RequestChanges};
 pub use host::{LogLevel, Quota, RateLimitOutcome, log, monotonic_now, rate_limit};
 pub use http::{Request, Response};
 
+/// The phases a policy takes part in: [`Phases::REQUEST`], [`Phases::RESPONSE`], or both
+/// (`Phases::all()`). See [`Policy::PHASES`].
+pub use bindings::sluice::policy::types::Phases;
+
 /// A gateway policy.
 ///
 /// Every phase has a default that lets the request or response through unchanged, so a policy
 /// implements only the phases it needs.
 pub trait Policy: Sized + 'static {
+    /// The phases the gateway calls this policy in; both by default. A policy that implements
+    /// only [`on_request`](Policy::on_request) should say `Phases::REQUEST`, so responses
+    /// skip the call (a call costs a few microseconds); a phase left out is never called, even
+    /// when implemented.
+    const PHASES: Phases = Phases::all();
+
     /// Builds the policy from its configuration. Called once per instance, before any request.
     ///
     /// Return an error to reject the configuration; the gateway reports the message and keeps
@@ -134,7 +147,7 @@ macro_rules! export_policy {
             impl $crate::bindings::exports::sluice::policy::handler::Guest for SluiceExport {
                 fn init(
                     config: ::std::string::String,
-                ) -> ::std::result::Result<(), ::std::string::String> {
+                ) -> ::std::result::Result<$crate::Phases, ::std::string::String> {
                     POLICY.with(|cell| $crate::__private::init::<$policy>(cell, config))
                 }
 
@@ -174,10 +187,11 @@ pub mod __private {
     use crate::bindings::sluice::policy::types;
     use crate::{Config, Policy, Request, Response};
 
-    pub fn init<P: Policy>(cell: &OnceCell<P>, config: String) -> Result<(), String> {
+    pub fn init<P: Policy>(cell: &OnceCell<P>, config: String) -> Result<crate::Phases, String> {
         let policy = P::new(Config::from_json(config))?;
         cell.set(policy)
-            .map_err(|_| "the policy was initialised twice".to_string())
+            .map_err(|_| "the policy was initialised twice".to_string())?;
+        Ok(P::PHASES)
     }
 
     pub fn on_request<P: Policy>(

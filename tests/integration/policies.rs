@@ -263,3 +263,36 @@ policies = ["auth", "transform", "throttle"]
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+#[tokio::test]
+async fn a_policy_is_called_only_in_the_phases_it_takes_part_in() {
+    let upstream = TestUpstream::start().await;
+    let fragment = AUTH.replace(
+        "policies = [\"auth\"]",
+        "policies = [\"auth\", \"transform\"]",
+    ) + r#"
+[[plugins]]
+name = "transform"
+path = "{plugin:transform}"
+config = { response = { set = { "x-served-by" = "sluice" } } }
+"#;
+    let gateway = TestGateway::start(&upstream, &fragment).await;
+
+    for _ in 0..3 {
+        let reply = get_with(&gateway.url("/api/x"), &[("x-api-key", "demo-key")]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("x-served-by"), Some("sluice"));
+    }
+    let metrics = gateway.metrics().await;
+    let calls = |plugin: &str, phase: &str| {
+        let series = format!(
+            "sluice_plugin_duration_seconds_count{{phase=\"{phase}\",plugin=\"{plugin}\"}}"
+        );
+        sluice_tests::metric(&metrics, &series)
+    };
+    // auth looks only at requests; transform edits both ways.
+    assert_eq!(calls("auth", "request"), 3.0);
+    assert_eq!(calls("auth", "response"), 0.0);
+    assert_eq!(calls("transform", "request"), 3.0);
+    assert_eq!(calls("transform", "response"), 3.0);
+}

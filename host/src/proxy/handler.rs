@@ -28,7 +28,7 @@ use crate::gateway::Snapshot;
 use crate::llm::LlmError;
 use crate::metrics::Metrics;
 use crate::plugin::{
-    HeaderList, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
+    HeaderList, Phase, Plugin, PluginFailure, RequestDecision, RequestHead, ResponseHead,
     apply_header_changes, direct_response, header_list, rewrite_path,
 };
 use crate::upstream::{Lease, Outgoing, UpstreamError};
@@ -356,7 +356,8 @@ async fn request_phase(route: &Route, mut parts: Parts, client: IpAddr) -> Outco
         return Outcome::Forward(parts, head);
     }
     let mut head = request_head(&parts, &route.name, client);
-    for plugin in &route.policies {
+    let taking_part = route.policies.iter();
+    for plugin in taking_part.filter(|p| p.takes_part_in(Phase::Request)) {
         let decision = plugin
             .on_request(&head)
             .await
@@ -400,7 +401,8 @@ async fn response_phase(
     }
 
     let mut head = None;
-    for plugin in route.policies.iter().rev() {
+    let taking_part = route.policies.iter().rev();
+    for plugin in taking_part.filter(|p| p.takes_part_in(Phase::Response)) {
         let seen = head.get_or_insert_with(|| ResponseHead {
             status: parts.status.as_u16(),
             headers: header_list(&parts.headers),

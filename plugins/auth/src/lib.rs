@@ -34,7 +34,7 @@ mod jwt;
 mod tests;
 
 use serde::Deserialize;
-use sluice_sdk::{Config, Decision, LogLevel, Policy, Request, RequestChanges};
+use sluice_sdk::{Config, Decision, LogLevel, Phases, Policy, Request, RequestChanges};
 
 use crate::api_key::{ApiKeySettings, ApiKeys, KeyCheck};
 use crate::challenge::{Challenge, Failure};
@@ -73,6 +73,9 @@ fn default_realm() -> String {
 // === impl Auth ===
 
 impl Policy for Auth {
+    /// Responses pass through untouched: skip that call.
+    const PHASES: Phases = Phases::REQUEST;
+
     fn new(config: Config) -> Result<Self, String> {
         let settings: Settings = config.parse()?;
         if settings.api_keys.is_none() && settings.jwt.is_none() {

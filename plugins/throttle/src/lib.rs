@@ -24,7 +24,7 @@ mod reply;
 mod tests;
 
 use serde::Deserialize;
-use sluice_sdk::{Config, Decision, LogLevel, Policy, Quota, Request};
+use sluice_sdk::{Config, Decision, LogLevel, Phases, Policy, Quota, Request};
 
 use crate::key::KeySource;
 
@@ -61,6 +61,9 @@ fn default_name() -> String {
 // === impl Throttle ===
 
 impl Policy for Throttle {
+    /// Responses pass through untouched: skip that call.
+    const PHASES: Phases = Phases::REQUEST;
+
     fn new(config: Config) -> Result<Self, String> {
         let settings: Settings = config.parse()?;
         Ok(Throttle {
