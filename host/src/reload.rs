@@ -12,8 +12,9 @@
 //! generations.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -25,6 +26,9 @@ use crate::gateway::Gateway;
 
 /// Quiet time after the last file event before a reload starts.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Longest wait for quiet: files that never stop changing must not hold reloads back.
+const MAX_SETTLE: Duration = Duration::from_secs(1);
 
 /// How often every file the configuration reads is checksummed.
 const CHECKSUM_INTERVAL: Duration = Duration::from_secs(10);
@@ -44,7 +48,14 @@ struct Reloader {
     outcome: Result<u64, ConfigError>,
     watcher: Option<RecommendedWatcher>,
     watched: HashSet<PathBuf>,
+    /// File names of the config and plugin files, shared with the watcher's callback.
+    names: SourceNames,
 }
+
+/// The file names of the files the configuration reads. A watched folder may hold other
+/// files that change all the time (an access log, say); writes to those are not a reason to
+/// reload.
+type SourceNames = Arc<Mutex<HashSet<OsString>>>;
 
 impl ReloadHandle {
     /// Reloads now; the new generation, or every problem that kept the old one serving.
@@ -70,8 +81,9 @@ pub fn spawn(gateway: Arc<Gateway>, path: PathBuf, loaded: [u8; 32]) -> ReloadHa
         path,
         watcher: None,
         watched: HashSet::new(),
+        names: SourceNames::default(),
     };
-    reloader.watcher = watcher(changed);
+    reloader.watcher = watcher(changed, reloader.names.clone());
     reloader.rewatch();
     tokio::spawn(reloader.run(request_rx, changed_rx));
     ReloadHandle { requests }
@@ -141,10 +153,13 @@ impl Reloader {
         let Some(watcher) = &mut self.watcher else {
             return;
         };
-        let folders: HashSet<PathBuf> = sources(&self.path)
+        let sources = sources(&self.path);
+        let names = sources
             .iter()
-            .filter_map(|p| folder(p))
-            .collect();
+            .filter_map(|p| p.file_name())
+            .map(OsString::from);
+        *lock(&self.names) = names.collect();
+        let folders: HashSet<PathBuf> = sources.iter().filter_map(|p| folder(p)).collect();
         for gone in self.watched.difference(&folders) {
             let _ = watcher.unwatch(gone);
         }
@@ -157,14 +172,17 @@ impl Reloader {
     }
 }
 
-/// Waits until no file event has arrived for [`DEBOUNCE`].
+/// Waits until no file event has arrived for [`DEBOUNCE`], or [`MAX_SETTLE`] at most.
 async fn settle(changed: &mut mpsc::Receiver<()>) {
-    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changed.recv()).await {}
+    let deadline = tokio::time::Instant::now() + MAX_SETTLE;
+    let quiet =
+        async { while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, changed.recv()).await {} };
+    let _ = tokio::time::timeout_at(deadline, quiet).await;
 }
 
-fn watcher(changed: mpsc::Sender<()>) -> Option<RecommendedWatcher> {
+fn watcher(changed: mpsc::Sender<()>, names: SourceNames) -> Option<RecommendedWatcher> {
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| !event.kind.is_access()) {
+        if event.is_ok_and(|event| matters(&event, &lock(&names))) {
             // NB: a full channel already holds a pending change, which covers this one.
             let _ = changed.try_send(());
         }
@@ -174,6 +192,30 @@ fn watcher(changed: mpsc::Sender<()>) -> Option<RecommendedWatcher> {
             tracing::warn!("cannot watch files, relying on the periodic checksum: {err}")
         })
         .ok()
+}
+
+/// Whether a file event may change what the configuration reads: any creation, removal or
+/// rename in a watched folder (an editor's save by rename, a Kubernetes symlink swap), and a
+/// write to a file named like one of the sources; not reads, nor writes to other files.
+fn matters(event: &notify::Event, names: &HashSet<OsString>) -> bool {
+    use notify::EventKind;
+    use notify::event::ModifyKind;
+    match event.kind {
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Name(_)) => true,
+        EventKind::Modify(_) => event
+            .paths
+            .iter()
+            .any(|path| path.file_name().is_some_and(|name| names.contains(name))),
+        _ => true,
+    }
+}
+
+fn lock(names: &SourceNames) -> std::sync::MutexGuard<'_, HashSet<OsString>> {
+    // NB: the set is only replaced or read whole while locked; nothing panics inside.
+    names
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The config file and every plugin file it names (as far as it can be parsed).

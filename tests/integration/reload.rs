@@ -392,3 +392,54 @@ async fn a_reload_drops_the_metric_series_of_what_it_removed() {
     }
     assert!(after.contains(r#"sluice_requests_total{route="plain",status="200"} 2"#));
 }
+
+#[tokio::test]
+async fn a_file_written_all_the_time_beside_the_config_does_not_hold_reloads_back() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("busy-folder");
+    let (v1, _) = files.plugin_versions();
+    let path = files.path("sluice.toml");
+    std::fs::write(&path, config(&upstream, &v1, "v1", false)).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+
+    // An access log in the same folder, appended to every 20 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, stop) = (files.path("access.log"), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(log).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                writeln!(file, "{{\"status\":200}}").unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    std::fs::write(&path, config(&upstream, &v1, "v2", false)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while generation(&gateway).await == 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        generation(&gateway).await,
+        2,
+        "the saved config was picked up"
+    );
+    assert_eq!(version(&get(&gateway.url("/chaos")).await), "v2");
+
+    std::fs::write(&path, config(&upstream, &v1, "v3", false)).unwrap();
+    let asked = Instant::now();
+    let (status, outcome) = gateway.reload().await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "POST /reload waited {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(version(&get(&gateway.url("/chaos")).await), "v3");
+
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+}
