@@ -8,7 +8,7 @@
 //! routes' admission queues), and publishes it only if every part of it loaded.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,10 @@ use crate::upstream::Upstream;
 
 /// How often idle rate-limit keys are forgotten.
 const BUCKET_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the metric series of removed parts are dropped again once the requests that
+/// were still using them have finished.
+const RETIRED_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Everything built from one configuration.
 #[derive(Debug)]
@@ -52,6 +56,10 @@ pub struct Gateway {
     buckets: Arc<Buckets>,
     /// Reloads run one at a time, so each builds on the snapshot before it.
     reloading: tokio::sync::Mutex<()>,
+    /// Snapshots replaced by a reload, with their configuration: requests that started on one
+    /// may record metrics under names a reload removed, so once a snapshot is gone its removed
+    /// names are dropped again.
+    retired: std::sync::Mutex<Vec<(Weak<Snapshot>, Config)>>,
 }
 
 /// What a snapshot can reuse from the one before it.
@@ -69,13 +77,16 @@ impl Gateway {
         let snapshot = build_snapshot(config, None, 1, &runtime, &buckets, &metrics).await?;
         metrics.config_loaded(1);
         spawn_bucket_sweeper(Arc::downgrade(&buckets));
-        Ok(Arc::new(Gateway {
+        let gateway = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             runtime,
             buckets,
             reloading: tokio::sync::Mutex::new(()),
-        }))
+            retired: std::sync::Mutex::default(),
+        });
+        spawn_retired_sweeper(Arc::downgrade(&gateway));
+        Ok(gateway)
     }
 
     /// The current snapshot; the caller keeps it alive for as long as it holds it.
@@ -119,7 +130,8 @@ impl Gateway {
                     .chain(current.plugins.values())
                     .map(|p| *p.digest())
                     .collect();
-                forget_removed(&self.metrics, &current, &next);
+                forget_removed(&self.metrics, &current.config, &next.config);
+                self.retire(&current);
                 self.snapshot.store(Arc::new(next));
                 self.runtime.retain_compiled(&live);
                 self.metrics.config_loaded(generation);
@@ -134,6 +146,33 @@ impl Gateway {
                 Err(err)
             }
         }
+    }
+}
+
+impl Gateway {
+    fn retire(&self, snapshot: &Arc<Snapshot>) {
+        let entry = (Arc::downgrade(snapshot), snapshot.config.clone());
+        self.lock_retired().push(entry);
+    }
+
+    /// Drops again the series of names that snapshots no longer in use had and the current
+    /// one does not, and forgets those snapshots.
+    fn sweep_retired(&self) {
+        let current = self.snapshot.load();
+        self.lock_retired().retain(|(snapshot, config)| {
+            let in_use = snapshot.strong_count() > 0;
+            if !in_use {
+                forget_removed(&self.metrics, config, &current.config);
+            }
+            in_use
+        });
+    }
+
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<(Weak<Snapshot>, Config)>> {
+        // NB: the list is only pushed to or filtered while locked; nothing panics inside.
+        self.retired
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -365,9 +404,9 @@ impl Snapshot {
 /// Drops the metric series of what `old` has and `new` does not: removed routes, upstreams,
 /// plugins and LLM deployments, and the targets, breaker or adaptive limit an upstream lost,
 /// so that `/metrics` stops exporting their last values. A request still finishing on `old`
-/// may count itself once more under a removed name.
-fn forget_removed(metrics: &Metrics, old: &Snapshot, new: &Snapshot) {
-    let (old, new) = (&old.config, &new.config);
+/// may count itself once more under a removed name; the retired-snapshot sweep drops that
+/// too once `old` is no longer in use.
+fn forget_removed(metrics: &Metrics, old: &Config, new: &Config) {
     let routes = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect();
     for route in removed(routes(old), routes(new)) {
         metrics.forget("route", &route);
@@ -409,7 +448,21 @@ fn removed(old: HashSet<String>, new: HashSet<String>) -> impl Iterator<Item = S
     old.into_iter().filter(move |name| !new.contains(name))
 }
 
-fn spawn_bucket_sweeper(buckets: std::sync::Weak<Buckets>) {
+fn spawn_retired_sweeper(gateway: Weak<Gateway>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(RETIRED_SWEEP_INTERVAL);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(gateway) = gateway.upgrade() else {
+                return;
+            };
+            gateway.sweep_retired();
+        }
+    });
+}
+
+fn spawn_bucket_sweeper(buckets: Weak<Buckets>) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(BUCKET_SWEEP_INTERVAL);
         every.tick().await;

@@ -443,3 +443,36 @@ async fn a_file_written_all_the_time_beside_the_config_does_not_hold_reloads_bac
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
 }
+
+#[tokio::test]
+async fn a_request_finishing_on_a_removed_route_leaves_no_series_behind() {
+    let upstream = TestUpstream::start().await;
+    let files = Workspace::new("straggler");
+    let path = files.path("sluice.toml");
+    let plain = "[[routes]]\nname = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"app\"\n";
+    let slow = "[[routes]]\nname = \"slow\"\npath_prefix = \"/slow\"\nupstream = \"app\"\n";
+    let text = |routes: &str| sluice_tests::gateway::config_text(&upstream, routes);
+    std::fs::write(&path, text(&format!("{plain}\n{slow}"))).unwrap();
+    let gateway = TestGateway::start_file(&path).await;
+
+    let request = Request::get(gateway.url("/slow"))
+        .header("x-delay-ms", "800")
+        .body(Bytes::new())
+        .unwrap();
+    let in_flight = tokio::spawn(send(request));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, text(plain)).unwrap();
+    assert_eq!(gateway.reload().await.0, StatusCode::OK);
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+
+    // The finished request counted itself under the removed route; once its configuration
+    // is no longer in use, that series goes too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gateway.metrics().await.contains(r#"route="slow""#) {
+        assert!(
+            Instant::now() < deadline,
+            "route=\"slow\" is still exported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
