@@ -72,6 +72,15 @@ async fn a_corrupt_wasm_file_is_refused() {
         .unwrap();
     let err = check(&plugin_at(&file.0, "{}")).await.unwrap_err();
     assert!(err.contains("magic") && !err.contains('\n'), "{err}");
+
+    // A core module (what wasm32-unknown-unknown or wasm32-wasip1 builds): the smallest one.
+    let mut file = tempfile();
+    file.1.write_all(b"\0asm\x01\0\0\0").unwrap();
+    let err = check(&plugin_at(&file.0, "{}")).await.unwrap_err();
+    assert!(
+        err.contains("not a component") && err.contains("wasm32-wasip2"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

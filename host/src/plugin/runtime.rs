@@ -118,7 +118,17 @@ impl Runtime {
     /// Compiles a component and pre-links it, refusing one that imports anything the
     /// gateway does not provide.
     fn prepare(&self, bytes: &[u8]) -> anyhow::Result<bindings::PolicyPre<StoreState>> {
-        let component = Component::new(&self.engine, bytes)?;
+        let component = Component::new(&self.engine, bytes).map_err(|err| {
+            // A core module's header: the magic number, then version 1 (a component's
+            // header says layer 1 instead).
+            match bytes.starts_with(b"\0asm\x01\0\0\0") {
+                true => err.context(
+                    "this is a core WebAssembly module, not a component: build the policy \
+                     for the wasm32-wasip2 target",
+                ),
+                false => err,
+            }
+        })?;
         check_interface_version(&component, &self.engine)?;
         let instance_pre = self.linker.instantiate_pre(&component)?;
         Ok(bindings::PolicyPre::new(instance_pre)?)
