@@ -103,6 +103,19 @@ pub async fn truncating(chunked: bool) -> SocketAddr {
     .0
 }
 
+/// A server that speaks HTTP/1.0: it answers each connection's one request and closes it.
+pub async fn http10() -> SocketAddr {
+    raw_server(move |mut stream, _| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = stream.flush().await;
+    })
+    .await
+    .0
+}
+
 /// A server that works on one request at a time, each for `service_time`, and queues the
 /// others: its answers slow down with every request waiting. The counter holds the requests
 /// it has now, answered or waiting.

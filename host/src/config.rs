@@ -120,8 +120,8 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
-    /// Slots in the instance pool for all plugins together. Each slot reserves
-    /// `max_memory_bytes` of address space (not of memory) up front.
+    /// Slots in the instance pool for all plugins together. Each slot reserves address space
+    /// (not memory) for two linear memories of `max_memory_bytes` up front.
     pub instance_slots: u32,
     /// The largest linear memory any plugin may be given; the size of a pool slot.
     pub max_memory_bytes: u64,

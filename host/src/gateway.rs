@@ -203,7 +203,12 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
         ..c.listener.clone()
     };
     let changed = if listener(current) != listener(next) {
-        "[listener]"
+        return Some(
+            "[listener] changed: restart the gateway to apply it (of [listener], only \
+             `max_body_bytes`, `max_uri_bytes`, `encoded_slash` and `trusted_proxies` can \
+             change on reload)"
+                .to_string(),
+        );
     } else if current.admin != next.admin {
         "[admin]"
     } else if current.runtime != next.runtime {
@@ -214,9 +219,7 @@ fn needs_restart(current: &Config, next: &Config) -> Option<String> {
         return None;
     };
     Some(format!(
-        "{changed} changed: restart the gateway to apply it (of [listener], only \
-         `max_body_bytes`, `max_uri_bytes`, `encoded_slash` and `trusted_proxies` can change on \
-         reload)"
+        "{changed} changed: restart the gateway to apply it"
     ))
 }
 

@@ -52,9 +52,10 @@
 //! a policy must not rely on state kept between requests; shared state such as rate-limit
 //! buckets lives in the gateway and is reached through [`rate_limit`].
 //!
-//! Build it with `cargo build --target wasm32-wasip2 --profile plugin` (the workspace's
-//! `plugin` profile optimises for size and strips the component) and point a `[[plugins]]`
-//! entry of the gateway config at the `.wasm` file.
+//! Build it with `cargo build --target wasm32-wasip2 --release`, with a release profile that
+//! optimises for size and strips the component (the gateway's README shows one; inside the
+//! gateway's workspace, `--profile plugin` is that profile), and point a `[[plugins]]` entry
+//! of the gateway config at the `.wasm` file.
 //!
 //! # Header values are bytes
 //!

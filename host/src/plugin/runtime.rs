@@ -49,7 +49,7 @@ impl Runtime {
         let engine = Engine::new(&engine_config(settings)).map_err(|err| {
             anyhow::anyhow!(
                 "cannot create the plugin engine ({err}); the pool reserves \
-                 runtime.instance_slots x runtime.max_memory_bytes of address space: \
+                 2 x runtime.instance_slots x runtime.max_memory_bytes of address space: \
                  lower them or raise the process's address-space limit"
             )
         })?;

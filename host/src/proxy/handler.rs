@@ -127,6 +127,9 @@ pub async fn handle(
 
     let mut response = serve(snapshot, metrics, request, arrival, line.entry()).await;
     upgrade::close_unless_switched(asked_upgrade, &mut response);
+    // The client's connection is the gateway's: an HTTP/1.0 upstream's version must not
+    // reach it (hyper would answer `HTTP/1.0` and close the connection after each response).
+    *response.version_mut() = http::Version::HTTP_11;
 
     response
         .headers_mut()

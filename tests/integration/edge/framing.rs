@@ -488,3 +488,23 @@ async fn trace_and_connect_are_refused_with_405() {
         .collect();
     assert_eq!(paths, ["/after"]);
 }
+
+#[tokio::test]
+async fn an_http10_upstream_is_answered_to_the_client_as_http11_on_a_kept_connection() {
+    let upstream = TestUpstream::external(sluice_tests::faulty::http10().await);
+    let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
+
+    let mut connection = RawConnection::open(gateway.addr).await;
+    for _ in 0..2 {
+        connection
+            .write(b"GET /old HTTP/1.1\r\nHost: example\r\n\r\n")
+            .await;
+        let response = connection.response(false).await.expect("a response");
+        assert!(
+            response.head.starts_with("HTTP/1.1 200"),
+            "{}",
+            response.head
+        );
+        assert_eq!(response.body, b"ok");
+    }
+}
