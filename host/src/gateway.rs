@@ -76,7 +76,11 @@ impl Gateway {
         let buckets = Arc::new(Buckets::new());
         let snapshot = build_snapshot(config, None, 1, &runtime, &buckets, &metrics).await?;
         metrics.config_loaded(1);
-        spawn_bucket_sweeper(Arc::downgrade(&buckets));
+        spawn_sweeper(
+            Arc::downgrade(&buckets),
+            BUCKET_SWEEP_INTERVAL,
+            Buckets::retain_recent,
+        );
         let gateway = Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -85,7 +89,11 @@ impl Gateway {
             reloading: tokio::sync::Mutex::new(()),
             retired: std::sync::Mutex::default(),
         });
-        spawn_retired_sweeper(Arc::downgrade(&gateway));
+        spawn_sweeper(
+            Arc::downgrade(&gateway),
+            RETIRED_SWEEP_INTERVAL,
+            Gateway::sweep_retired,
+        );
         Ok(gateway)
     }
 
@@ -451,30 +459,17 @@ fn removed(old: HashSet<String>, new: HashSet<String>) -> impl Iterator<Item = S
     old.into_iter().filter(move |name| !new.contains(name))
 }
 
-fn spawn_retired_sweeper(gateway: Weak<Gateway>) {
+/// Runs `sweep` on what `target` points to every `interval`, for as long as it lives.
+fn spawn_sweeper<T: Send + Sync + 'static>(target: Weak<T>, interval: Duration, sweep: fn(&T)) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(RETIRED_SWEEP_INTERVAL);
+        let mut every = tokio::time::interval(interval);
         every.tick().await;
         loop {
             every.tick().await;
-            let Some(gateway) = gateway.upgrade() else {
+            let Some(target) = target.upgrade() else {
                 return;
             };
-            gateway.sweep_retired();
-        }
-    });
-}
-
-fn spawn_bucket_sweeper(buckets: Weak<Buckets>) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(BUCKET_SWEEP_INTERVAL);
-        every.tick().await;
-        loop {
-            every.tick().await;
-            let Some(buckets) = buckets.upgrade() else {
-                return;
-            };
-            buckets.retain_recent();
+            sweep(&target);
         }
     });
 }
