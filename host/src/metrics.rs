@@ -1,6 +1,8 @@
 //! The gateway's Prometheus metrics, held in one registry that is passed down explicitly.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
@@ -24,6 +26,8 @@ const FUEL_BUCKETS: &[f64] = &[1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8]
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Every labelled metric, so that series can be dropped by label.
+    labelled: Arc<[Box<dyn Forget + Send + Sync>]>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     rejected: IntCounterVec,
@@ -114,7 +118,7 @@ pub struct PluginMetrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = Registrar::default();
         Metrics {
             requests: counter(
                 &registry,
@@ -229,11 +233,7 @@ impl Metrics {
                     "Time to compile and pre-link one plugin component.",
                 )
                 .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-                let metric = Histogram::with_opts(opts).expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric names are unique");
-                metric
+                registry.add(Histogram::with_opts(opts).expect("valid metric"))
             },
             reloads: counter(
                 &registry,
@@ -247,15 +247,13 @@ impl Metrics {
                 "Generation of the configuration being served; the first is 1.",
             ),
             last_reload_success: {
-                let metric = Gauge::new(
-                    "sluice_config_last_reload_success_timestamp_seconds",
-                    "Unix time of the last successful configuration load.",
+                registry.add(
+                    Gauge::new(
+                        "sluice_config_last_reload_success_timestamp_seconds",
+                        "Unix time of the last successful configuration load.",
+                    )
+                    .expect("valid metric"),
                 )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric names are unique");
-                metric
             },
             plugin_duration: histogram(
                 &registry,
@@ -303,17 +301,16 @@ impl Metrics {
                 &["plugin", "reason"],
             ),
             access_log_dropped: {
-                let metric = IntCounter::new(
-                    "sluice_access_log_dropped_total",
-                    "Access log lines dropped because the writer had fallen behind or failed.",
+                registry.add(
+                    IntCounter::new(
+                        "sluice_access_log_dropped_total",
+                        "Access log lines dropped because the writer had fallen behind or failed.",
+                    )
+                    .expect("valid metric"),
                 )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric names are unique");
-                metric
             },
-            registry,
+            labelled: registry.labelled.into_inner().into(),
+            registry: registry.registry,
         }
     }
 
@@ -408,40 +405,7 @@ impl Metrics {
     /// label: what a reload does for the routes, upstreams, plugins and LLM deployments it
     /// removed, so that they stop being exported with their last values.
     pub fn forget(&self, label: &str, value: &str) {
-        let llm = &self.llm;
-        let labelled: [&dyn Forget; 30] = [
-            &self.requests,
-            &self.request_duration,
-            &self.rejected,
-            &self.queue_depth,
-            &self.queue_capacity,
-            &self.queue_wait,
-            &self.in_flight,
-            &self.upstream_in_flight,
-            &self.upstream_requests,
-            &self.upstream_retries,
-            &self.target_healthy,
-            &self.target_ejections,
-            &self.circuit_state,
-            &self.circuit_transitions,
-            &self.concurrency_limit,
-            &self.plugin_duration,
-            &self.plugin_fuel,
-            &self.plugin_failures,
-            &self.plugin_instances,
-            &self.plugin_wait,
-            &self.plugin_waiting,
-            &self.plugin_recycled,
-            &llm.token_usage,
-            &llm.time_to_first_token,
-            &llm.time_per_output_token,
-            &llm.request_duration,
-            &llm.reserved,
-            &llm.remaining,
-            &llm.unparsed,
-            &llm.failovers,
-        ];
-        for metric in labelled {
+        for metric in self.labelled.iter() {
             metric.forget(&[(label, value)]);
         }
     }
@@ -476,7 +440,7 @@ impl Metrics {
 // === impl LlmMetrics ===
 
 impl LlmMetrics {
-    fn new(registry: &Registry) -> LlmMetrics {
+    fn new(registry: &Registrar) -> LlmMetrics {
         let model = &["gen_ai_request_model", "gen_ai_provider_name"];
         LlmMetrics {
             token_usage: histogram(
@@ -705,41 +669,75 @@ impl<T: MetricVecBuilder> Forget for MetricVec<T> {
     }
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
-    metric
+/// Registers every metric in one registry, and keeps the labelled ones so that their series
+/// can be dropped by label.
+#[derive(Default)]
+struct Registrar {
+    registry: Registry,
+    labelled: RefCell<Vec<Box<dyn Forget + Send + Sync>>>,
 }
 
-fn plain_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let metric = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
-    metric
+impl Registrar {
+    fn add<M: Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.registry
+            .register(Box::new(metric.clone()))
+            .expect("metric names are unique");
+        metric
+    }
+
+    fn add_labelled<T: MetricVecBuilder + 'static>(&self, metric: MetricVec<T>) -> MetricVec<T> {
+        self.labelled.borrow_mut().push(Box::new(metric.clone()));
+        self.add(metric)
+    }
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
-    metric
+fn counter(registry: &Registrar, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registry.add_labelled(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+}
+
+fn plain_gauge(registry: &Registrar, name: &str, help: &str) -> IntGauge {
+    registry.add(IntGauge::new(name, help).expect("valid metric"))
+}
+
+fn gauge(registry: &Registrar, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registry.add_labelled(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
 }
 
 fn histogram(
-    registry: &Registry,
+    registry: &Registrar,
     name: &str,
     help: &str,
     labels: &[&str],
     buckets: &[f64],
 ) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    let metric = HistogramVec::new(opts, labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique");
-    metric
+    registry.add_labelled(HistogramVec::new(opts, labels).expect("valid metric"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgetting_a_label_value_drops_its_series_in_every_labelled_metric() {
+        let metrics = Metrics::new();
+        for route in ["gone", "kept"] {
+            metrics.request(route, http::StatusCode::OK, 0.01);
+            metrics.rejected(route, "queue_full");
+            let _ = metrics.route(route, 8);
+        }
+        metrics.upstream("gone").attempt("200");
+
+        metrics.forget("route", "gone");
+        metrics.forget("upstream", "gone");
+        let text = metrics.render();
+        assert!(!text.contains("\"gone\""), "{text}");
+        for series in [
+            r#"sluice_requests_total{route="kept",status="200"} 1"#,
+            r#"sluice_requests_rejected_total{reason="queue_full",route="kept"} 1"#,
+            r#"sluice_queue_capacity{route="kept"} 8"#,
+        ] {
+            assert!(text.contains(series), "{series} is gone");
+        }
+    }
 }
