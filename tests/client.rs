@@ -54,6 +54,19 @@ pub async fn send(request: Request<Bytes>) -> Reply {
     }
 }
 
+/// Starts a GET that the test upstream answers after `delay` (its `x-delay-ms` header), and
+/// returns once the request has had time to reach the gateway: the caller acts while it is
+/// in flight and awaits the handle for its reply.
+pub async fn in_flight_get(url: &str, delay: Duration) -> tokio::task::JoinHandle<Reply> {
+    let request = Request::get(url)
+        .header("x-delay-ms", delay.as_millis().to_string())
+        .body(Bytes::new())
+        .expect("valid request");
+    let handle = tokio::spawn(send(request));
+    tokio::time::sleep(delay / 4).await;
+    handle
+}
+
 /// Writes raw bytes to `addr` and returns everything read until the server closes the
 /// connection or `wait` passes.
 pub async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {

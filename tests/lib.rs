@@ -8,6 +8,6 @@ pub mod llmock;
 pub mod process;
 pub mod upstream;
 
-pub use client::{RawConnection, RawResponse, Reply, get, send, send_raw};
+pub use client::{RawConnection, RawResponse, Reply, get, in_flight_get, send, send_raw};
 pub use gateway::{TestGateway, metric, plugin_path, target_dir};
 pub use upstream::{Recorded, TestUpstream};

@@ -7,7 +7,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use sluice_tests::{TestGateway, TestUpstream, get, send, send_raw};
+use sluice_tests::{TestGateway, TestUpstream, get, in_flight_get, send, send_raw};
 
 const PLAIN_ROUTE: &str = r#"
 [[routes]]
@@ -196,12 +196,7 @@ async fn metrics_count_requests_by_route_and_status() {
 async fn shutdown_lets_in_flight_requests_finish() {
     let upstream = TestUpstream::start().await;
     let gateway = TestGateway::start(&upstream, PLAIN_ROUTE).await;
-    let request = Request::get(gateway.url("/slow"))
-        .header("x-delay-ms", "500")
-        .body(Bytes::new())
-        .unwrap();
-    let in_flight = tokio::spawn(send(request));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let in_flight = in_flight_get(&gateway.url("/slow"), Duration::from_millis(500)).await;
 
     gateway.shutdown().await;
 

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use sluice_tests::{Reply, TestGateway, TestUpstream, get, plugin_path, send};
+use http::StatusCode;
+use sluice_tests::{Reply, TestGateway, TestUpstream, get, in_flight_get, plugin_path};
 
 /// A folder of its own for one test's config and plugin files.
 struct Workspace {
@@ -224,12 +223,7 @@ async fn a_request_in_flight_during_a_reload_finishes_on_its_old_configuration()
     std::fs::write(&path, config(&upstream, &v1, "v1", false)).unwrap();
     let gateway = TestGateway::start_file(&path).await;
 
-    let slow = Request::get(gateway.url("/chaos"))
-        .header("x-delay-ms", "800")
-        .body(Bytes::new())
-        .unwrap();
-    let in_flight = tokio::spawn(send(slow));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let in_flight = in_flight_get(&gateway.url("/chaos"), Duration::from_millis(800)).await;
     std::fs::write(&path, config(&upstream, &v2, "v2", false)).unwrap();
     assert_eq!(gateway.reload().await.0, StatusCode::OK);
 
@@ -455,12 +449,7 @@ async fn a_request_finishing_on_a_removed_route_leaves_no_series_behind() {
     std::fs::write(&path, text(&format!("{plain}\n{slow}"))).unwrap();
     let gateway = TestGateway::start_file(&path).await;
 
-    let request = Request::get(gateway.url("/slow"))
-        .header("x-delay-ms", "800")
-        .body(Bytes::new())
-        .unwrap();
-    let in_flight = tokio::spawn(send(request));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let in_flight = in_flight_get(&gateway.url("/slow"), Duration::from_millis(800)).await;
     std::fs::write(&path, text(plain)).unwrap();
     assert_eq!(gateway.reload().await.0, StatusCode::OK);
     assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
